@@ -1,0 +1,96 @@
+"""The base class every rpat model derives from.
+
+Conventions (all models):
+- ``forward(x)`` takes images ``(B, C, H, W)`` as floats in [0, 1]; any
+  normalization is the ``normalize`` layer inside the model, so training
+  attacks, PGD-20 and AutoAttack all attack the same function.
+- ``forward_proxies(x)`` returns, from one forward pass, the three
+  perception proxies of the paper's Table 5:
+
+  ``logits``          ``(B, num_classes)``
+  ``second_to_last``  ``(B, D)``  the embedding fed to the classifier
+                      (the pooled output of the last stage)
+  ``third_to_last``   ``(B, C', H', W')`` the output of the stage before
+                      the last one (the layer under the penultimate one)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+PROXIES: tuple[str, ...] = ("logits", "second_to_last", "third_to_last")
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std``; identity when ``mean`` is None.
+
+    The statistics are non-persistent buffers: they do not appear in the
+    state_dict, so public checkpoints (trained without normalization layers)
+    load with ``strict=True``. Our checkpoints record them in their metadata.
+    """
+
+    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        self.enabled = mean is not None
+        if self.enabled:
+            if std is None or len(std) != len(mean):
+                raise ValueError("normalization needs a std of the same length as mean")
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        if not self.enabled:
+            return "identity"
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class ImageClassifier(nn.Module):
+    """Base for all models: subclasses implement ``forward_stages`` and ``forward_head``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.normalize = Normalize(mean, std)
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a normalized input, return ``(third_to_last, second_to_last)``."""
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Classifier: ``(B, D)`` embedding -> ``(B, num_classes)`` logits."""
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` in [0, 1] -> ``(B, D)`` second-to-last embedding."""
+        return self.forward_stages(self.normalize(x))[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_proxies(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All three perception proxies from one forward pass (see module doc)."""
+        third, second = self.forward_stages(self.normalize(x))
+        return {"logits": self.forward_head(second), "second_to_last": second, "third_to_last": third}
+
+    def forward_proxy(self, x: torch.Tensor, proxy: str = "logits") -> torch.Tensor:
+        """One perception proxy; ``logits`` costs exactly one ordinary forward."""
+        if proxy == "logits":
+            return self(x)
+        if proxy not in PROXIES:
+            raise ValueError(f"unknown proxy {proxy!r}; valid: {', '.join(PROXIES)}")
+        return self.forward_proxies(x)[proxy]

@@ -1,0 +1,19 @@
+"""Threat models and attacks: PGD (training and PGD-20 evaluation) and AutoAttack.
+
+All budgets (ε, step size) are in pixel units of images in [0, 1].
+"""
+
+from .autoattack import run_autoattack
+from .pgd import PGD, eval_mode, pgd
+from .threat import ThreatModel, default_threat, format_budget, parse_budget
+
+__all__ = [
+    "PGD",
+    "ThreatModel",
+    "default_threat",
+    "eval_mode",
+    "format_budget",
+    "parse_budget",
+    "pgd",
+    "run_autoattack",
+]

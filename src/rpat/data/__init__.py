@@ -1,0 +1,40 @@
+"""Datasets as uint8 tensors, checked downloads, and on-device training batches.
+
+``load_dataset(name, root, split)`` returns an :class:`ArrayDataset` (uint8
+``(N, C, H, W)`` images, int64 labels, class names), decoded once and cached
+under ``<root>/.rpat-cache``; ``DeviceLoader`` turns it into float32 batches in
+[0, 1] on the device, with random crop/flip done there. ``DATASETS`` maps names
+to :class:`DatasetSpec`; ``spec_for(name, dataset)`` fills in what an image
+folder's spec takes from the data.
+"""
+
+from .datasets import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    ArrayDataset,
+    DatasetSpec,
+    get_spec,
+    load_dataset,
+    spec_for,
+)
+from .download import MIRROR_ENV, download_file, file_digest, resolve_url
+from .loader import DeviceLoader, epoch_seed, random_crop_flip
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "MIRROR_ENV",
+    "SPLITS",
+    "ArrayDataset",
+    "DatasetSpec",
+    "DeviceLoader",
+    "download_file",
+    "epoch_seed",
+    "file_digest",
+    "get_spec",
+    "load_dataset",
+    "random_crop_flip",
+    "resolve_url",
+    "spec_for",
+]

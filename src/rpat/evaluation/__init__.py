@@ -1,0 +1,20 @@
+"""Robustness evaluation: clean, PGD-20 and AutoAttack accuracy, Mean and NRR."""
+
+from .metrics import mean_score, nrr
+from .robustness import (
+    RobustnessReport,
+    accuracy,
+    evaluate_robustness,
+    format_table,
+    pgd_accuracy,
+)
+
+__all__ = [
+    "RobustnessReport",
+    "accuracy",
+    "evaluate_robustness",
+    "format_table",
+    "mean_score",
+    "nrr",
+    "pgd_accuracy",
+]

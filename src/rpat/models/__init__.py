@@ -1,0 +1,22 @@
+"""The model zoo: CIFAR-style ResNet-18, PreAct ResNet-18, WRN-34-10, WRN-28-10 and a small CNN.
+
+All models take images in [0, 1] (normalization, if any, is a layer inside
+the model) and expose the perception proxies of :data:`PROXIES` through
+``forward_proxies``. Build them by name with :func:`create_model`; load public
+or rpat weights with :func:`load_weights`.
+"""
+
+from . import preact_resnet, resnet, small_cnn, wide_resnet  # noqa: F401 -- registers the models
+from .base import PROXIES, ImageClassifier
+from .loading import load_weights
+from .registry import create_model, list_models, register_model, resolve_model_name
+
+__all__ = [
+    "PROXIES",
+    "ImageClassifier",
+    "create_model",
+    "list_models",
+    "load_weights",
+    "register_model",
+    "resolve_model_name",
+]

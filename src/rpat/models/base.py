@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 PROXIES: tuple[str, ...] = ("logits", "second_to_last", "third_to_last")
 
 
@@ -35,11 +37,19 @@ class Normalize(nn.Module):
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         self.enabled = mean is not None
-        if self.enabled:
-            if std is None or len(std) != len(mean):
-                raise ValueError("normalization needs a std of the same length as mean")
-            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        if not self.enabled:
+            if std is not None:
+                raise InputError("normalization got a std but no mean")
+            return
+        mean_l = [float(m) for m in mean]
+        std_l = [float(s) for s in std] if std is not None else []
+        if len(std_l) != len(mean_l) or not mean_l:
+            raise InputError("normalization needs a std of the same (non-zero) length as mean")
+        if not all(s > 0 for s in std_l):
+            raise InputError(f"normalization std must be positive, got {std_l}")
+        self.stats = (tuple(mean_l), tuple(std_l))  #: plain floats, for repr and metadata
+        self.register_buffer("mean", torch.tensor(mean_l).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std_l).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -49,7 +59,7 @@ class Normalize(nn.Module):
     def extra_repr(self) -> str:
         if not self.enabled:
             return "identity"
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        return f"mean={list(self.stats[0])}, std={list(self.stats[1])}"
 
 
 class ImageClassifier(nn.Module):
@@ -63,9 +73,17 @@ class ImageClassifier(nn.Module):
         std: Sequence[float] | None = None,
     ):
         super().__init__()
+        for arg, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{arg} must be a positive integer, got {value!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.arch: str | None = None  #: the registry name, set by ``create_model``
         self.normalize = Normalize(mean, std)
+        if self.normalize.enabled and self.normalize.mean.numel() != in_chans:
+            raise InputError(
+                f"normalization has {self.normalize.mean.numel()} channel(s) but the model has in_chans={in_chans}"
+            )
 
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From a normalized input, return ``(third_to_last, second_to_last)``."""
@@ -92,5 +110,5 @@ class ImageClassifier(nn.Module):
         if proxy == "logits":
             return self(x)
         if proxy not in PROXIES:
-            raise ValueError(f"unknown proxy {proxy!r}; valid: {', '.join(PROXIES)}")
+            raise InputError(f"unknown proxy {proxy!r}; valid: {', '.join(PROXIES)}")
         return self.forward_proxies(x)[proxy]

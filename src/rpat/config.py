@@ -1,0 +1,293 @@
+"""Run configuration: nested dataclasses, YAML files, presets and ``key=value`` overrides.
+
+A config is resolved in this order: defaults < preset < ``--config`` YAML file
+< command-line overrides (``optim.lr=0.05 rpat.enabled=true``). The resolved
+config is written to the run directory as ``config.yaml``.
+
+Units: ε and step sizes are in pixel units of [0, 1] images and may be written
+as ``8/255``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .attacks.threat import ThreatModel, format_budget, parse_budget
+from .errors import InputError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  #: cifar10, cifar100, tiny-imagenet, imagefolder, digits
+    root: str = "data"  #: folder holding the archive (or the image-folder tree)
+    download: bool = False
+    train_subset: int | None = None  #: use a fixed random subset of this many training images
+    batch_size: int = 128
+    augment: bool = True  #: random crop with zero padding + horizontal flip, on the device
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    normalize: bool = False  #: add a per-channel normalization layer (dataset mean/std) inside the model
+
+
+@dataclass
+class AttackConfig:
+    """The training threat model (PGD-10 by default)."""
+
+    norm: str = "linf"
+    eps: str | float = "8/255"
+    step_size: str | float = "2/255"
+    steps: int = 10
+
+
+@dataclass
+class MethodConfig:
+    name: str = "pgd_at"
+
+
+@dataclass
+class RPATConfig:
+    enabled: bool = False
+    lam: float = 1.0  #: λ, weight of the regularizer
+    alpha: float = 0.5  #: a, interpolation rate: x_mid = x + a·(x_adv − x)
+    proxy: str = "logits"  #: logits, second_to_last, third_to_last
+    start_epoch: int = 0  #: first 0-based epoch with the term on
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 110
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "piecewise"  #: piecewise (lr × gamma at each milestone epoch), cosine, constant
+    milestones: list[int] = field(default_factory=lambda: [100, 105])
+    gamma: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    """Held-out PGD accuracy after each epoch (selects the ``best`` checkpoint)."""
+
+    n_examples: int = 1000  #: first N test images
+    eps: str | float | None = None  #: default: the training ε
+    step_size: str | float | None = None  #: default: the training step size
+    steps: int = 20
+    batch_size: int = 500
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    rpat: RPATConfig = field(default_factory=RPATConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  #: auto (cuda if available), cpu, cuda, cuda:1, ...
+    log_interval: int = 20  #: steps between progress-bar loss updates (one host sync each)
+
+    # ---- derived objects -------------------------------------------------------------
+    def train_threat(self) -> ThreatModel:
+        a = self.attack
+        return ThreatModel(a.norm, parse_budget(a.eps, "attack.eps"),
+                           parse_budget(a.step_size, "attack.step_size"), a.steps)
+
+    def eval_threat(self) -> ThreatModel:
+        t = self.train_threat()
+        e = self.eval
+        eps = t.eps if e.eps is None else parse_budget(e.eps, "eval.eps")
+        step = t.step_size if e.step_size is None else parse_budget(e.step_size, "eval.step_size")
+        return ThreatModel(t.norm, eps, step, e.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Check ranges and names; raises InputError with one clear line."""
+        from .data import DATASETS
+        from .models import list_models
+        from .objectives import list_methods
+
+        if self.data.dataset not in DATASETS:
+            raise InputError(f"unknown dataset {self.data.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
+        if self.model.arch not in list_models():
+            from .models import create_model  # raises the canonical unknown-model error, or resolves an alias
+
+            create_model(self.model.arch)
+        if self.method.name not in list_methods():
+            raise InputError(f"unknown method {self.method.name!r}; valid: {', '.join(list_methods())}")
+        self.train_threat()
+        self.eval_threat()
+        _positive_int(self.data.batch_size, "data.batch_size")
+        _positive_int(self.optim.epochs, "optim.epochs")
+        _positive_int(self.eval.n_examples, "eval.n_examples")
+        _positive_int(self.eval.batch_size, "eval.batch_size")
+        _positive_int(self.log_interval, "log_interval")
+        if self.data.train_subset is not None:
+            _positive_int(self.data.train_subset, "data.train_subset")
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            v = getattr(self.optim, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                raise InputError(f"optim.{name} must be a number >= 0, got {v!r}")
+        if self.optim.schedule not in SCHEDULES:
+            raise InputError(f"unknown optim.schedule {self.optim.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if sorted(self.optim.milestones) != list(self.optim.milestones):
+            raise InputError(f"optim.milestones must be increasing, got {self.optim.milestones}")
+        from .objectives import RPATTerm
+
+        r = self.rpat
+        if not isinstance(r.alpha, (int, float)) or isinstance(r.alpha, bool):
+            raise InputError(f"rpat.alpha must be a number in [0, 1], got {r.alpha!r}")
+        RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch)
+        return self
+
+    def describe(self) -> str:
+        t = self.train_threat()
+        method = self.method.name + (" + RPAT" if self.rpat.enabled else "")
+        return (f"{method} | {self.model.arch} on {self.data.dataset} | {t.norm} "
+                f"eps={format_budget(t.eps)} | {self.optim.epochs} epochs ({self.optim.schedule})")
+
+
+SCHEDULES = ("piecewise", "cosine", "constant")
+
+
+def _positive_int(v: Any, name: str) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+# ---- building from dicts -------------------------------------------------------------
+def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
+    if not isinstance(values, dict):
+        raise InputError(f"{where or 'config'} must be a mapping, got {values!r}")
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            valid = ", ".join(names)
+            raise InputError(f"unknown config key {where + key!r}; valid keys here: {valid}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, current, names[key], where + key))
+
+
+def _coerce(value: Any, current: Any, fld: dataclasses.Field, name: str) -> Any:
+    """Light type checking: ints stay ints, floats accept ints, bools must be bools."""
+    typ = str(fld.type)
+    if value is None:
+        if "None" in typ:
+            return None
+        raise InputError(f"{name} cannot be empty")
+    if typ == "bool":
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be true or false, got {value!r}")
+        return value
+    if typ == "int" or typ == "int | None":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+        return value
+    if typ == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if typ == "str":
+        return str(value)
+    if typ.startswith("list"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+            raise InputError(f"{name} must be a list of integers, got {value!r}")
+        return value
+    if "str | float" in typ:
+        if isinstance(value, bool):
+            raise InputError(f"{name} must be a number such as 8/255, got {value!r}")
+        parse_budget(value, name)
+        return value
+    return value
+
+
+def list_presets() -> list[str]:
+    files = resources.files("rpat") / "configs"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise InputError(f"config file {str(p)!r} is not valid YAML: {first}") from None
+    return data or {}
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name not in list_presets():
+        raise InputError(f"unknown preset {name!r}; valid: {', '.join(list_presets())}")
+    text = (resources.files("rpat") / "configs" / f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"optim.lr=0.05"`` -> ``{"optim": {"lr": 0.05}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise InputError(f"override {text!r} must look like section.key=value (e.g. optim.lr=0.05)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise InputError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and "/" in value:
+        value = value.strip()
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def build_config(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | list[dict[str, Any]] | None = None,
+) -> Config:
+    """Resolve defaults < preset < file < overrides, validate, and return the Config."""
+    cfg = Config()
+    if preset:
+        _merge(cfg, preset_dict(preset), "")
+    if file:
+        _merge(cfg, load_yaml(file), "")
+    for o in overrides or []:
+        _merge(cfg, parse_override(o) if isinstance(o, str) else o, "")
+    return cfg.validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    _merge(cfg, values, "")
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

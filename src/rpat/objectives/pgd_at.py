@@ -1,0 +1,27 @@
+"""PGD-AT (Madry et al.): cross-entropy on PGD adversarial examples."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks.pgd import pgd
+from .base import BaseMethod, Forwards
+
+
+class PGDAT(BaseMethod):
+    """``L_base = CE(f(x_adv), y)``; x_adv by PGD on CE from a uniform random start."""
+
+    name = "pgd_at"
+
+    def attack(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        return pgd(model, x, y, self.threat, start="uniform", generator=generator)
+
+    def loss(
+        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = F.cross_entropy(fw.logits("adv", x_adv), y)
+        return ce, {"ce_adv": ce.detach()}

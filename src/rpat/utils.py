@@ -1,0 +1,49 @@
+"""Small helpers: devices, seeds, run metadata."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; validates explicit names."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A deterministic 63-bit seed from a base seed and integers (epoch, stream id...)."""
+    h = seed & 0x7FFFFFFFFFFFFFFF
+    for p in parts:
+        h = (h * 1_000_003 + p + 0x9E3779B9) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The git commit of the rpat source tree (or None outside a git checkout)."""
+    here = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -102,7 +102,7 @@ def test_run_dir_is_protected(tmp_path):
 
 
 def test_run_files_and_checkpoints(tmp_path):
-    cfg = _cfg(epochs=2)
+    cfg = _cfg(epochs=2, optim={"epochs": 2, "lr": 0.05, "milestones": [1]})
     run = tmp_path / "run"
     summary = Trainer(cfg, run, data=_data(), progress=False, log=lambda m: None).fit()
     for f in ("config.yaml", "meta.json", "metrics.jsonl", "last.pt", "best.pt", "final.pt"):

@@ -672,3 +672,15 @@ def test_device_loader_augments_on_the_fly():
 def test_device_loader_rejects_bad_batch_size():
     with pytest.raises(InputError, match="batch size"):
         DeviceLoader(_toy(4), 0)
+
+
+def test_evaluation_indices_first_n_for_cifar_and_class_mixed_for_image_folders():
+    from rpat.data import evaluation_indices
+
+    assert evaluation_indices("cifar10", 100, 10).tolist() == list(range(10))
+    a = evaluation_indices("imagefolder", 1000, 100)
+    b = evaluation_indices("imagefolder", 1000, 100)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 100
+    # a class-sorted split of 10 classes x 100 images: the subset covers (nearly) every class
+    assert len(set((a // 100).tolist())) >= 9
+    assert evaluation_indices("imagefolder", 5, 10).numel() == 5

@@ -125,3 +125,13 @@ def test_run_files_and_checkpoints(tmp_path):
         assert model(x).shape == (4, 4)
     held = torch.load(run / "best.pt", weights_only=True)["held_out"]
     assert held["pgd"] == pytest.approx(best["held_out_pgd"])
+
+
+def test_save_every_keeps_per_epoch_checkpoints(tmp_path):
+    cfg = _cfg(epochs=3, save_every=2)
+    run = tmp_path / "run"
+    Trainer(cfg, run, data=_data(), progress=False, log=lambda m: None).fit()
+    kept = sorted(p.name for p in (run / "epochs").iterdir())
+    assert kept == ["epoch_0002.pt"]
+    ck = load_checkpoint(run / "epochs" / "epoch_0002.pt")
+    assert ck["epoch"] == 2 and "held_out" in ck

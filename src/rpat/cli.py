@@ -71,7 +71,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="architecture of a plain state_dict")
     p.add_argument("--dataset", help="dataset (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data)")
-    p.add_argument("--n-examples", type=int, help="evaluate the first N test images (default: all)")
+    p.add_argument("--n-examples", type=int, help="N test images (default all; class-mixed for folders)")
     p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (Mean/NRR not reported)")
     p.add_argument("--norm", choices=["linf", "l2"], help="threat model norm (default: the checkpoint's)")
     p.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255")

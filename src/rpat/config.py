@@ -97,6 +97,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  #: auto (cuda if available), cpu, cuda, cuda:1, ...
     log_interval: int = 20  #: steps between progress-bar loss updates (one host sync each)
+    save_every: int = 0  #: also keep ``epochs/epoch_NNNN.pt`` every N epochs (0: never), for analyses
 
     # ---- derived objects -------------------------------------------------------------
     def train_threat(self) -> ThreatModel:
@@ -135,6 +136,8 @@ class Config:
         _positive_int(self.eval.n_examples, "eval.n_examples")
         _positive_int(self.eval.batch_size, "eval.batch_size")
         _positive_int(self.log_interval, "log_interval")
+        if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0:
+            raise InputError(f"save_every must be an integer >= 0, got {self.save_every!r}")
         if self.data.train_subset is not None:
             _positive_int(self.data.train_subset, "data.train_subset")
         for name in ("lr", "momentum", "weight_decay", "gamma"):

@@ -216,6 +216,31 @@ def spec_for(name: str, dataset: ArrayDataset) -> DatasetSpec:
 # entry point
 
 
+#: datasets whose test split is stored grouped by class: "the first N test images" of them
+#: would be a few classes only, so evaluation subsets are drawn by a fixed permutation instead.
+CLASS_SORTED_TEST = frozenset({"imagefolder", "tiny-imagenet"})
+
+
+def evaluation_indices(name: str, n_total: int, n: int) -> torch.Tensor:
+    """Indices of the ``n`` test images every rpat evaluation of dataset ``name`` uses.
+
+    For CIFAR-10/100 and digits these are the first ``n`` (the usual convention,
+    e.g. RobustBench's); for class-sorted splits (``imagefolder``, ``tiny-imagenet``)
+    the first ``n`` of a permutation fixed by seed 0, so that a subset is class-mixed
+    and the same across runs, seeds and machines.
+    """
+    n = min(n, n_total)
+    if name in CLASS_SORTED_TEST:
+        g = torch.Generator().manual_seed(0)
+        return torch.randperm(n_total, generator=g)[:n]
+    return torch.arange(n)
+
+
+def evaluation_subset(name: str, test: ArrayDataset, n: int) -> ArrayDataset:
+    """The first ``n`` images of ``test`` in evaluation order (see :func:`evaluation_indices`)."""
+    return test.subset(evaluation_indices(name, len(test), n))
+
+
 def load_dataset(
     name: str,
     root: str | Path,

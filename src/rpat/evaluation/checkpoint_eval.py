@@ -10,7 +10,7 @@ import torch
 from ..attacks.threat import ThreatModel, default_threat, parse_budget
 from ..checkpoint import is_rpat_checkpoint, model_from_checkpoint
 from ..config import config_from_dict
-from ..data import get_spec, load_dataset
+from ..data import evaluation_subset, get_spec, load_dataset
 from ..errors import InputError
 from ..utils import resolve_device
 from .robustness import RobustnessReport, evaluate_robustness
@@ -53,7 +53,10 @@ def evaluate_checkpoint(
     progress: bool = True,
     log=None,
 ) -> tuple[RobustnessReport, dict[str, Any]]:
-    """Clean, PGD-20, AutoAttack, Mean and NRR of a checkpoint on the first ``n_examples`` test images.
+    """Clean, PGD-20, AutoAttack, Mean and NRR of a checkpoint on ``n_examples`` test images.
+
+    Which images: :func:`rpat.data.evaluation_indices` (the first N for CIFAR, a fixed
+    class-mixed subset for class-sorted image folders).
 
     Dataset and root default to those recorded in an rpat checkpoint (cifar10 and
     ``data`` for a plain state_dict). Returns the report and a dict describing
@@ -77,8 +80,9 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model.to(dev)
     n = len(test) if n_examples is None else min(n_examples, len(test))
-    x = test.images[:n].float().div_(255)
-    y = test.labels[:n]
+    sub = evaluation_subset(ds_name, test, n)
+    x = sub.images.float().div_(255)
+    y = sub.labels
     threat = eval_threat_for(ckpt, norm, eps, step_size, steps)
     report = evaluate_robustness(model, x, y, threat, autoattack=autoattack, batch_size=batch_size,
                                  device=dev, seed=seed, progress=progress, log=log)

@@ -8,6 +8,7 @@ Run directory layout::
     last.pt         model + optimizer + progress, rewritten atomically after each epoch
     best.pt         weights with the highest held-out PGD accuracy so far
     final.pt        weights after the last epoch
+    epochs/         epoch_NNNN.pt every ``save_every`` epochs (when set), for the analyses
 
 Determinism: every random draw of epoch ``e`` (batch order, augmentation,
 attack starts) comes from generators seeded by ``(seed, e)`` alone, and the
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ..config import Config, config_from_dict, dump_yaml
-from ..data import ArrayDataset, DeviceLoader, get_spec, load_dataset
+from ..data import ArrayDataset, DeviceLoader, evaluation_subset, get_spec, load_dataset
 from ..errors import InputError
 from ..evaluation.robustness import accuracy, pgd_accuracy
 from ..models import create_model
@@ -57,20 +58,20 @@ class RunData:
     std: tuple[float, ...] | None
 
 
-def prepare_data(cfg: Config, train: ArrayDataset | None = None, test: ArrayDataset | None = None) -> RunData:
+def prepare_data(cfg: Config, train: ArrayDataset | None = None, test: ArrayDataset | None = None,
+                 progress: bool = True) -> RunData:
     """Load (or take) the train/test sets, apply the fixed train subset, cut the held-out set."""
     d = cfg.data
     spec = get_spec(d.dataset)
     if train is None:
-        train = load_dataset(d.dataset, d.root, "train", download=d.download)
+        train = load_dataset(d.dataset, d.root, "train", download=d.download, progress=progress)
     if test is None:
-        test = load_dataset(d.dataset, d.root, "test", download=d.download)
+        test = load_dataset(d.dataset, d.root, "test", download=d.download, progress=progress)
     if d.train_subset is not None and d.train_subset < len(train):
         g = torch.Generator().manual_seed(derived_seed(0, 17))  # fixed subset, same for every seed
         idx = torch.randperm(len(train), generator=g)[: d.train_subset].sort().values
         train = train.subset(idx)
-    n_eval = min(cfg.eval.n_examples, len(test))
-    held_out = test.subset(torch.arange(n_eval))
+    held_out = evaluation_subset(d.dataset, test, cfg.eval.n_examples)
     mean = tuple(spec.mean) if cfg.model.normalize and spec.mean else None
     std = tuple(spec.std) if cfg.model.normalize and spec.std else None
     return RunData(train, held_out, len(train.classes), int(train.images.shape[1]),
@@ -125,7 +126,7 @@ class Trainer:
             cfg = config_from_dict(ckpt["config"]).validate()  # a resumed run keeps its own config
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.data = data if data is not None else prepare_data(cfg)
+        self.data = data if data is not None else prepare_data(cfg, progress=progress)
 
         torch.manual_seed(derived_seed(cfg.seed, 0))
         self.model_kwargs = {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
@@ -249,6 +250,8 @@ class Trainer:
                 self.best = {"pgd": ev["pgd"], "clean": ev["clean"], "epoch": epoch}
                 atomic_save(self._weights(epoch + 1, held_out=ev), self.run_dir / "best.pt")
             done = epoch + 1
+            if cfg.save_every and done % cfg.save_every == 0:
+                atomic_save(self._weights(done, held_out=ev), self.run_dir / "epochs" / f"epoch_{done:04d}.pt")
             atomic_save(self._weights(done, optimizer=self.optimizer.state_dict(), best=self.best),
                         self.run_dir / "last.pt")
             record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},

@@ -1,12 +1,44 @@
-"""Time one adversarial training step: PGD-10 attack + PGD-AT loss, with and without RPAT.
+"""Time one adversarial training step of ``rpat`` against a release-style step, side by side.
 
-    python benchmarks/train_step.py --arch preact_resnet18 --batch-size 32 --device cpu \
+One step = PGD-10 attack (ℓ∞ 8/255, step 2/255) + PGD-AT loss (+ RPAT by default)
++ backward + SGD update. Variants (``--variants``, comma-separated):
+
+- ``rpat``: the project's step, as the trainer runs it: ``Objective.step``
+  (input-only gradients in the attack, each distinct input forwarded once),
+  ``loss.backward()``, ``opt.step()``, no host sync;
+- ``reference``: the step the way the authors' release builds it
+  (``benchmarks/reference_step.py``: ``loss.backward()`` in the attack,
+  separate fp32 forwards, ``.item()`` each batch);
+- ``rpat+cl``, ``rpat+bf16``, ``rpat+compile`` (and combinations such as
+  ``rpat+cl+bf16``): the project's step with channels_last memory format,
+  bf16 autocast (fp32 master weights), or ``torch.compile`` on the model.
+
+Repetitions are interleaved (each repetition runs every variant once, in a
+rotating order) so that load from other jobs on a shared machine hits all
+variants alike; the report gives medians, the min-max spread, the ratio of the
+medians against ``reference`` and the spread of the per-repetition ratios.
+Before timing, the ``rpat`` and ``reference`` steps are checked to give the
+same losses (to 1e-5) from the same weights, inputs and attack start.
+
+Examples::
+
+    # the headline CPU figure (2-core CPU, default torch threads)
+    python benchmarks/train_step.py --arch preact_resnet18 --batch-size 32 \\
         --out benchmarks/results/cpu_preact_resnet18.json
+    # the small CNN, with the optional speed-ups
+    python benchmarks/train_step.py --arch small_cnn --batch-size 32 --reps 7 \\
+        --variants rpat,reference,rpat+cl,rpat+bf16,rpat+compile
+    # on a GPU: bf16 and channels_last, MFU against the card's peak
+    python benchmarks/train_step.py --device cuda --batch-size 128 --variants rpat,reference,rpat+cl+bf16
 
-Reports images/s (training images through attack + update per second), the
-time of one step, and peak memory: torch.cuda.max_memory_allocated on a GPU,
-the process's peak resident set size on the CPU (an upper bound that includes
-the Python runtime).
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` per variant; on the CPU,
+each variant runs one step in a fresh subprocess and the report gives that
+process's peak resident set size (``ru_maxrss``, includes the Python runtime
+and the model) and its growth during the step. FLOPs are counted once per
+variant with a dispatch-level counter (convolutions and matrix products,
+forward and backward, 2 FLOPs per multiply-add); achieved TFLOP/s is that
+count over the median step time, and MFU divides it by ``--peak-tflops``
+(default: a table of known GPUs; none on the CPU).
 """
 
 from __future__ import annotations
@@ -15,90 +47,367 @@ import argparse
 import json
 import platform
 import resource
+import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-from rpat import __version__
-from rpat.attacks.threat import default_threat
-from rpat.models import create_model
-from rpat.objectives import RPATTerm, build_objective
-from rpat.utils import resolve_device
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_step import reference_step  # noqa: E402
+
+from rpat import __version__  # noqa: E402
+from rpat.attacks.threat import ThreatModel, default_threat  # noqa: E402
+from rpat.errors import InputError  # noqa: E402
+from rpat.models import create_model  # noqa: E402
+from rpat.objectives import RPATTerm, build_objective  # noqa: E402
+from rpat.utils import resolve_device  # noqa: E402
+
+OPTIONS = ("cl", "bf16", "compile")
+
+#: Dense peak TFLOP/s of known GPUs, by a substring of the device name: (bf16, tf32).
+#: fp32 convolutions use TF32 tensor cores by default in PyTorch (cudnn.allow_tf32).
+PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.4, 494.7), "H100": (989.4, 494.7), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
+    "A10": (125.0, 62.5), "4090": (165.2, 82.6),
+}
 
 
-def _sync(device: torch.device) -> None:
+class FlopCounter(TorchDispatchMode):
+    """Counts FLOPs (2 per multiply-add) of convolutions and matrix products, forward and backward.
+
+    Works under ``torch.autograd.grad`` (``torch.utils.flop_counter.FlopCounterMode``
+    installs module hooks that do not).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += int(count(*args, **kwargs, out_val=out))
+        return out
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_step(arch: str, batch_size: int, device: torch.device, rpat: bool, steps: int, warmup: int,
-              image_size: int = 32, num_classes: int = 10) -> dict:
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=num_classes).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    objective = build_objective("pgd_at", default_threat("linf", steps=10), RPATTerm() if rpat else None)
-    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+def parse_variant(name: str) -> tuple[str, frozenset[str]]:
+    """``"rpat+cl+bf16"`` -> ``("rpat", {"cl", "bf16"})``; ``"reference"`` takes no options."""
+    base, *opts = name.strip().split("+")
+    if base not in ("rpat", "reference"):
+        raise InputError(f"unknown variant {name!r}; the base must be rpat or reference")
+    bad = [o for o in opts if o not in OPTIONS]
+    if bad or (base == "reference" and opts):
+        raise InputError(f"unknown variant {name!r}; options (rpat only): {', '.join(OPTIONS)}")
+    return base, frozenset(opts)
 
-    def one() -> torch.Tensor:
-        loss, _ = objective.step(model, x, y, epoch=0, generator=gen)
+
+@dataclass
+class Problem:
+    """One benchmark problem: the model, a fixed batch and the objective's settings.
+
+    ``x``: ``(B, C, H, W)`` in [0, 1]; ``y``: ``(B,)``; ε and step in [0, 1] pixel units.
+    """
+
+    arch: str
+    batch_size: int
+    device: torch.device
+    threat: ThreatModel
+    rpat: RPATTerm | None
+    image_size: int = 32
+    in_chans: int = 3
+    num_classes: int = 10
+    seed: int = 0
+    x: torch.Tensor = field(init=False)
+    y: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        g = torch.Generator().manual_seed(self.seed + 1)
+        shape = (self.batch_size, self.in_chans, self.image_size, self.image_size)
+        self.x = torch.rand(shape, generator=g).to(self.device)
+        self.y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g).to(self.device)
+
+    def model(self) -> torch.nn.Module:
+        """The same initial weights every call (seeded), in train mode, on the device."""
+        torch.manual_seed(self.seed)
+        return create_model(self.arch, num_classes=self.num_classes, in_chans=self.in_chans).to(self.device).train()
+
+
+def make_step(problem: Problem, variant: str) -> Callable[[], object]:
+    """A closure running one training step of ``variant`` on the problem's batch (own model and optimizer)."""
+    base, opts = parse_variant(variant)
+    dev = problem.device
+    model = problem.model()
+    x, y = problem.x, problem.y
+    if "cl" in opts:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator(device=dev).manual_seed(problem.seed + 2)
+    if base == "reference":
+        return lambda: reference_step(model, opt, x, y, problem.threat, problem.rpat, gen)
+    objective = build_objective("pgd_at", problem.threat, problem.rpat)
+    net = torch.compile(model) if "compile" in opts else model
+    amp = "bf16" in opts
+
+    def step() -> torch.Tensor:  # exactly the trainer's inner loop
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = objective.step(net, x, y, epoch=0, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss
 
-    for _ in range(warmup):
-        one()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one()
-    _sync(device)
-    dt = (time.perf_counter() - t0) / steps
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        peak_kind = "cuda_max_memory_allocated"
+    return step
+
+
+def check_same_losses(problem: Problem, tol: float = 1e-5) -> dict[str, float]:
+    """Run one ``rpat`` and one ``reference`` step from identical weights, batch and attack start.
+
+    Returns the absolute differences of each loss term and of the updated
+    parameters (max over all entries); raises AssertionError above ``tol``.
+    """
+    m1, m2 = problem.model(), problem.model()
+    o1 = torch.optim.SGD(m1.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    g1 = torch.Generator(device=problem.device).manual_seed(problem.seed + 2)
+    g2 = torch.Generator(device=problem.device).manual_seed(problem.seed + 2)
+    objective = build_objective("pgd_at", problem.threat, problem.rpat)
+    loss, terms = objective.step(m1, problem.x, problem.y, epoch=0, generator=g1)
+    o1.zero_grad(set_to_none=True)
+    loss.backward()
+    o1.step()
+    ref = reference_step(m2, o2, problem.x, problem.y, problem.threat, problem.rpat, g2)
+    diffs = {f"abs_diff_{k}": abs(float(terms[k]) - v) for k, v in ref.items()}
+    diffs["max_abs_diff_params"] = max(float((a - b).detach().abs().max()) for a, b in zip(
+        m1.parameters(), m2.parameters(), strict=True))
+    worst = max(v for k, v in diffs.items() if k.startswith("abs_diff_"))
+    if worst > tol:
+        raise AssertionError(f"rpat and reference steps disagree: {diffs}")
+    return diffs
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call of ``step`` (runs it once)."""
+    with FlopCounter() as c:
+        step()
+    return c.flops
+
+
+def memory_probe(problem_args: dict, variant: str) -> dict:
+    """Peak memory of one step of ``variant``: CUDA allocator peak, or a fresh process's RSS (MiB)."""
+    cmd = [sys.executable, __file__, "--_probe", variant, "--_problem", json.dumps(problem_args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _probe(problem: Problem, variant: str) -> dict:
+    step = make_step(problem, variant)
+    before = _rss_mib()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peak_rss_mib": round(peak, 1), "step_rss_growth_mib": round(peak - before, 1)}
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_benchmark(
+    problem: Problem,
+    variants: list[str],
+    reps: int = 5,
+    steps_per_rep: int = 1,
+    warmup: int = 1,
+    memory: bool = True,
+    flops: bool = True,
+    peak_tflops: float | None = None,
+    problem_args: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Check the losses agree, then time ``variants`` interleaved; returns the report (a JSON-able dict).
+
+    Times are wall-clock seconds per step (device synchronized around each
+    block of ``steps_per_rep`` steps); images/s is ``batch_size / seconds``.
+    The process's CPU time per step is kept too: on a loaded machine it is
+    less disturbed by other jobs than the wall clock.
+    """
+    for v in variants:
+        parse_variant(v)
+    dev = problem.device
+    check = check_same_losses(problem) if {"rpat", "reference"} <= set(variants) else None
+    steps = {v: make_step(problem, v) for v in variants}
+    compile_s: dict[str, float] = {}
+    for v, step in steps.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        sync(dev)
+        compile_s[v] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_times: dict[str, list[float]] = {v: [] for v in variants}
+    peak_cuda: dict[str, float] = {v: 0.0 for v in variants}
+    for r in range(reps):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for v in order:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            sync(dev)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps_per_rep):
+                steps[v]()
+            sync(dev)
+            times[v].append((time.perf_counter() - t0) / steps_per_rep)
+            cpu_times[v].append((time.process_time() - c0) / steps_per_rep)
+            if dev.type == "cuda":
+                peak_cuda[v] = max(peak_cuda[v], torch.cuda.max_memory_allocated(dev) / 2**20)
+        log(f"rep {r + 1}/{reps}: " + "  ".join(f"{v} {times[v][-1] * 1000:.0f} ms" for v in variants))
+    if peak_tflops is None and dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        peak_tflops_pair = next((p for k, p in PEAK_TFLOPS.items() if k in name), None)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        peak_kind = "process_peak_rss"
-    return {"rpat": rpat, "seconds_per_step": dt, "images_per_s": batch_size / dt,
-            "peak_memory_mib": round(peak, 1), "peak_memory_kind": peak_kind}
+        peak_tflops_pair = (peak_tflops, peak_tflops) if peak_tflops else None
+    results = []
+    for v in variants:
+        s = _stats(times[v])
+        row: dict = {"variant": v, "ms_per_step": {k: x * 1000 for k, x in s.items()},
+                     "images_per_s": {"median": problem.batch_size / s["median"],
+                                      "min": problem.batch_size / s["max"],
+                                      "max": problem.batch_size / s["min"]},
+                     "times_s": times[v], "process_cpu_s": cpu_times[v], "warmup_s": compile_s[v]}
+        if "reference" in variants and v != "reference":
+            paired = [a / b for a, b in zip(times["reference"], times[v], strict=True)]
+            row["speedup_vs_reference"] = {"of_medians": statistics.median(times["reference"]) / s["median"],
+                                           "cpu_time_of_medians": statistics.median(cpu_times["reference"])
+                                           / statistics.median(cpu_times[v]),
+                                           **{f"paired_{k}": x for k, x in _stats(paired).items()}}
+        if flops:
+            base, opts = parse_variant(v)  # a compiled graph is counted as its eager twin
+            twin = "+".join([base, *sorted(opts - {"compile"})])
+            fl = count_flops(steps[v] if "compile" not in opts else make_step(problem, twin))
+            row["gflop_per_step"] = fl / 1e9
+            row["achieved_tflops"] = fl / s["median"] / 1e12
+            if peak_tflops_pair:
+                peak = peak_tflops_pair[0] if "bf16" in opts else peak_tflops_pair[1]
+                row["mfu"] = row["achieved_tflops"] / peak
+                row["mfu_peak_tflops"] = peak
+        if dev.type == "cuda":
+            row["peak_memory_mib"] = round(peak_cuda[v], 1)
+            row["peak_memory_kind"] = "cuda_max_memory_allocated"
+        elif memory and problem_args is not None:
+            row.update(memory_probe(problem_args, v))
+            row["peak_memory_kind"] = "fresh process ru_maxrss (one step)"
+        results.append(row)
+    return {"loss_check": check, "results": results}
+
+
+def _problem_from_args(a: dict) -> Problem:
+    threat = default_threat("linf", steps=a["attack_steps"])
+    rpat = None if a["no_rpat"] else RPATTerm()
+    return Problem(a["arch"], a["batch_size"], resolve_device(a["device"]), threat, rpat,
+                   image_size=a["image_size"], in_chans=a["in_chans"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="preact_resnet18", help="model name (default preact_resnet18)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32, help="square input side in pixels (default 32)")
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the training attack (default 10)")
+    p.add_argument("--no-rpat", action="store_true", help="plain PGD-AT (default: PGD-AT + RPAT)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--variants", default="rpat,reference",
+                   help="comma-separated: rpat, reference, rpat+cl, rpat+bf16, rpat+compile, ... "
+                        "(default rpat,reference)")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    p.add_argument("--steps-per-rep", type=int, default=1, help="timed steps per variant per repetition")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (compiles)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: known GPUs' bf16/tf32 dense peaks; none on CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant CPU memory subprocesses")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--_probe", help=argparse.SUPPRESS)
+    p.add_argument("--_problem", help=argparse.SUPPRESS)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="preact_resnet18")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", help="write JSON here")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    results = [time_step(args.arch, args.batch_size, device, rpat, args.steps, args.warmup)
-               for rpat in (False, True)]
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
+    if args._probe:
+        print(json.dumps(_probe(_problem_from_args(json.loads(args._problem)), args._probe)))
+        return 0
+    try:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        for v in variants:
+            parse_variant(v)
+        if args.reps < 1 or args.steps_per_rep < 1 or args.warmup < 0:
+            raise InputError("--reps and --steps-per-rep must be >= 1, --warmup >= 0")
+        pa = {"arch": args.arch, "batch_size": args.batch_size, "device": args.device,
+              "attack_steps": args.attack_steps, "no_rpat": args.no_rpat, "image_size": args.image_size,
+              "in_chans": args.in_chans}
+        problem = _problem_from_args(pa)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dev = problem.device
+    report = run_benchmark(problem, variants, args.reps, args.steps_per_rep, args.warmup,
+                           memory=not args.no_memory, flops=not args.no_flops,
+                           peak_tflops=args.peak_tflops, problem_args=pa)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor()
+                                                                                or platform.machine())
     out = {"benchmark": "train_step", "arch": args.arch, "batch_size": args.batch_size,
-           "attack": "PGD-10 linf 8/255", "device": str(device),
-           "device_name": device_name,
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "rpat": __version__,
-           "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "results": results}
-    for r in results:
-        name = "PGD-AT + RPAT" if r["rpat"] else "PGD-AT"
-        print(f"{args.arch:>16} bs={args.batch_size} {name:<14} {r['images_per_s']:8.1f} img/s "
-              f"{r['seconds_per_step'] * 1000:8.1f} ms/step  "
-              f"peak {r['peak_memory_mib']:.0f} MiB ({r['peak_memory_kind']})")
+           "objective": "PGD-AT" + ("" if args.no_rpat else " + RPAT"),
+           "attack": f"PGD-{args.attack_steps} linf 8/255 step 2/255", "device": str(dev),
+           "device_name": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "rpat": __version__, "reps": args.reps, "steps_per_rep": args.steps_per_rep,
+           "date": time.strftime("%Y-%m-%d %H:%M"), **report}
+    if report["loss_check"]:
+        worst = max(v for k, v in report["loss_check"].items() if k.startswith("abs_diff_"))
+        print(f"loss check: rpat and reference agree to {worst:.1e} (tolerance 1e-5)")
+    print(f"{args.arch} bs={args.batch_size} {out['objective']} {out['attack']} on {dev} "
+          f"({torch.get_num_threads()} threads), {args.reps} interleaved reps, median [min-max]:")
+    for r in report["results"]:
+        ms, ips = r["ms_per_step"], r["images_per_s"]
+        line = (f"  {r['variant']:<18} {ips['median']:7.1f} img/s [{ips['min']:.1f}-{ips['max']:.1f}]  "
+                f"{ms['median']:8.1f} ms/step")
+        if "speedup_vs_reference" in r:
+            s = r["speedup_vs_reference"]
+            line += (f"  x{s['of_medians']:.2f} vs reference [paired {s['paired_min']:.2f}-{s['paired_max']:.2f}"
+                     f", CPU time x{s['cpu_time_of_medians']:.2f}]")
+        if "gflop_per_step" in r:
+            line += f"  {r['gflop_per_step']:.0f} GFLOP {r['achieved_tflops'] * 1000:.0f} GFLOP/s"
+        if "mfu" in r:
+            line += f" MFU {r['mfu'] * 100:.1f}%"
+        if "peak_memory_mib" in r:
+            line += f"  peak {r['peak_memory_mib']:.0f} MiB"
+        elif "peak_rss_mib" in r:
+            line += f"  peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['step_rss_growth_mib']:.0f} in step)"
+        print(line)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

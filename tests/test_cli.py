@@ -23,7 +23,7 @@ def run_cli(*args: str, capsys=None) -> tuple[int, str, str]:
     [
         (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid: cifar10, cifar100, digits"),
         (["train", "--arch", "vgg"], "unknown model 'vgg'; valid:"),
-        (["train", "--method", "fgsm"], "unknown method 'fgsm'; valid: pgd_at"),
+        (["train", "--method", "fgsm"], "unknown method 'fgsm'; valid: consistency_at, mart, pgd_at, trades"),
         (["train", "attack.eps=8"], "did you mean 8/255"),
         (["train", "--resume"], "--resume needs --run-dir"),
     ],
@@ -91,3 +91,18 @@ def test_train_then_eval_on_cifar10_jpegs(cifar10_jpeg_subset, tmp_path, capsys)
     assert 100 >= rep["clean"] >= rep["pgd"] >= rep["aa"] >= 0
     assert rep["mean"] == pytest.approx((rep["clean"] + rep["aa"]) / 2)
     assert "Clean" in out and "AA" in out and "NRR" in out
+
+
+def test_demo_trains_both_methods_and_prints_a_consistent_table(tmp_path, capsys):
+    from rpat.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-examples", "30", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| PGD-AT " in out and "| PGD-AT + RPAT" in out and "NRR" in out
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert set(rows) == {"PGD-AT", "PGD-AT + RPAT"}
+    for r in rows.values():
+        assert r["n_examples"] == 30
+        assert r["aa"] <= r["pgd"] + 1e-9 and r["pgd"] <= r["clean"] + 1e-9
+        assert r["mean"] == pytest.approx((r["clean"] + r["aa"]) / 2)
+    assert json.loads((tmp_path / "pgd_at_rpat" / "meta.json").read_text())["objective"] == "pgd_at+rpat"

@@ -203,5 +203,5 @@ def test_objective_step_attacks_then_trains():
 
 
 def test_unknown_method():
-    with pytest.raises(InputError, match="valid: pgd_at"):
+    with pytest.raises(InputError, match="valid: consistency_at, mart, pgd_at, trades"):
         build_objective("fgsm", _threat())

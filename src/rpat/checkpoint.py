@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ from .errors import InputError
 
 FORMAT = "rpat-checkpoint"
 FORMAT_VERSION = 1
+SLOW_SAVE_ENV = "RPAT_TEST_SLOW_SAVE"
+
+
+def _test_slow_save() -> None:
+    """Test hook: ``RPAT_TEST_SLOW_SAVE=<seconds>`` sleeps between writing the temporary file and
+    the rename, widening the window in which ``tools/crash_harness.py`` kills a checkpoint write."""
+    delay = os.environ.get(SLOW_SAVE_ENV)
+    if delay:
+        try:
+            time.sleep(max(0.0, float(delay)))
+        except ValueError:
+            pass
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -44,6 +57,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _test_slow_save()
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

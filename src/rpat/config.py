@@ -14,12 +14,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .attacks.threat import ThreatModel, format_budget, parse_budget
+from .attacks.threat import NORMS, ThreatModel, default_threat, format_budget, parse_budget
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .objectives.rebat import TeacherTerm
 
 
 @dataclass
@@ -30,6 +33,10 @@ class DataConfig:
     train_subset: int | None = None  #: use a fixed random subset of this many training images
     batch_size: int = 128
     augment: bool = True  #: random crop with zero padding + horizontal flip, on the device
+    #: select ``best`` on this many training images held out of training (None: on the first
+    #: eval.n_examples test images); the split is fixed by ``val_seed`` and never overlaps training
+    val_size: int | None = None
+    val_seed: int = 0
 
 
 @dataclass
@@ -40,12 +47,22 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    """The training threat model (PGD-10 by default)."""
+    """The training threat model (PGD-10 by default).
+
+    ``eps``/``step_size`` left empty take the paper's values for ``norm``
+    (``rpat.attacks.threat.default_threat``): linf 8/255 step 2/255, l2 128/255 step 32/255.
+    """
 
     norm: str = "linf"
-    eps: str | float = "8/255"
-    step_size: str | float = "2/255"
+    eps: str | float | None = None
+    step_size: str | float | None = None
     steps: int = 10
+    #: ReBAT's "$": from the first lr milestone on, train against the stronger adversary below
+    #: (evaluation keeps the budget above)
+    strong_after_decay: bool = False
+    strong_eps: str | float = "10/255"
+    strong_step_size: str | float | None = None  #: default: the step size above
+    strong_steps: int = 12
 
 
 @dataclass
@@ -60,6 +77,27 @@ class RPATConfig:
     alpha: float = 0.5  #: a, interpolation rate: x_mid = x + a·(x_adv − x)
     proxy: str = "logits"  #: logits, second_to_last, third_to_last
     start_epoch: int = 0  #: first 0-based epoch with the term on
+
+
+@dataclass
+class AveragingConfig:
+    """Weight averaging (EMA of parameters and BatchNorm buffers); when on, the WA model is evaluated."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    start_epoch: int = 0  #: first 0-based epoch of the EMA; before it the WA model copies the online one
+
+
+@dataclass
+class ReBATConfig:
+    """ReBAT's BoAT term ``β·KL(f_wa(x_adv) ‖ f(x_adv))``, or RPAT++'s (target robust_perception)."""
+
+    enabled: bool = False  #: needs averaging.enabled
+    beta: float = 1.0
+    target: str = "adversarial"  #: adversarial (ReBAT) or robust_perception (RPAT++)
+    alpha: float = 0.5  #: a of the RPAT++ target softmax(h_wa(x+aΔ) − (1−a)·h_wa(x)) vs softmax(a·h(x+Δ))
+    start_epoch: int | None = None  #: first 0-based epoch with the term on (default averaging.start_epoch)
+    beta_growth: float = 1.0  #: β × beta_growth at each lr milestone (1: constant β)
 
 
 @dataclass
@@ -85,6 +123,22 @@ class EvalConfig:
     batch_size: int = 500
 
 
+AMP_MODES = ("none", "bf16")
+
+
+@dataclass
+class SpeedConfig:
+    """Speed options of the training step (evaluation and AutoAttack always run in fp32).
+
+    See ``benchmarks/README.md`` for what each one measured.
+    """
+
+    amp: str = "none"  #: none (fp32) or bf16: autocast of the attack and the loss, fp32 master weights
+    channels_last: bool = False  #: NHWC memory format for the model and the batches
+    compile: bool = False  #: torch.compile the training model (not the evaluation)
+    sync_bn: bool = False  #: under torchrun (several processes): BatchNorm -> SyncBatchNorm
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -92,18 +146,56 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     rpat: RPATConfig = field(default_factory=RPATConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    rebat: ReBATConfig = field(default_factory=ReBATConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     seed: int = 0
     device: str = "auto"  #: auto (cuda if available), cpu, cuda, cuda:1, ...
     log_interval: int = 20  #: steps between progress-bar loss updates (one host sync each)
     save_every: int = 0  #: also keep ``epochs/epoch_NNNN.pt`` every N epochs (0: never), for analyses
+    #: non-finite loss/gradient: stop (message names the step and the term) or skip the batch exactly;
+    #: detected on the device and read once per log_interval (rpat.training.nonfinite)
+    nonfinite: str = "stop"
 
     # ---- derived objects -------------------------------------------------------------
     def train_threat(self) -> ThreatModel:
         a = self.attack
-        return ThreatModel(a.norm, parse_budget(a.eps, "attack.eps"),
-                           parse_budget(a.step_size, "attack.step_size"), a.steps)
+        base = default_threat(a.norm, a.steps) if a.norm in NORMS else None
+        if base is None:
+            raise InputError(f"unknown attack.norm {a.norm!r}; valid: {', '.join(NORMS)}")
+        eps = base.eps if a.eps is None else parse_budget(a.eps, "attack.eps")
+        step = base.step_size if a.step_size is None else parse_budget(a.step_size, "attack.step_size")
+        return ThreatModel(a.norm, eps, step, a.steps)
+
+    def train_threat_at(self, epoch: int) -> ThreatModel:
+        """The training threat of 0-based ``epoch``: with ``attack.strong_after_decay``, from the
+        first lr milestone on, ε = strong_eps and strong_steps steps; else ``train_threat()``."""
+        t = self.train_threat()
+        a = self.attack
+        if not a.strong_after_decay or epoch < self.strong_attack_epoch():
+            return t
+        step = t.step_size if a.strong_step_size is None else parse_budget(a.strong_step_size,
+                                                                            "attack.strong_step_size")
+        return ThreatModel(t.norm, parse_budget(a.strong_eps, "attack.strong_eps"), step, a.strong_steps)
+
+    def strong_attack_epoch(self) -> int:
+        """First 0-based epoch of the stronger training adversary: the first lr milestone."""
+        if self.optim.schedule != "piecewise" or not self.optim.milestones:
+            raise InputError("attack.strong_after_decay needs optim.schedule=piecewise with optim.milestones")
+        return int(self.optim.milestones[0])
+
+    def teacher_term(self) -> TeacherTerm | None:
+        """The ReBAT / RPAT++ term of ``rebat`` (None when off); its teacher is bound by the trainer."""
+        from .objectives.rebat import TeacherTerm
+
+        r = self.rebat
+        if not r.enabled:
+            return None
+        start = self.averaging.start_epoch if r.start_epoch is None else r.start_epoch
+        milestones = tuple(self.optim.milestones) if self.optim.schedule == "piecewise" else ()
+        return TeacherTerm(r.beta, start, r.target, r.alpha, r.beta_growth, milestones)
 
     def eval_threat(self) -> ThreatModel:
         t = self.train_threat()
@@ -129,8 +221,10 @@ class Config:
             create_model(self.model.arch)
         if self.method.name not in list_methods():
             raise InputError(f"unknown method {self.method.name!r}; valid: {', '.join(list_methods())}")
-        self.train_threat()
-        self.eval_threat()
+        for where, threat in (("attack", self.train_threat()), ("eval", self.eval_threat())):
+            for name in ("eps", "step_size"):
+                if not getattr(threat, name) > 0:
+                    raise InputError(f"{where}.{name} must be > 0 (pixel units, e.g. 8/255), got 0")
         _positive_int(self.data.batch_size, "data.batch_size")
         _positive_int(self.optim.epochs, "optim.epochs")
         _positive_int(self.eval.n_examples, "eval.n_examples")
@@ -138,12 +232,16 @@ class Config:
         _positive_int(self.log_interval, "log_interval")
         if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0:
             raise InputError(f"save_every must be an integer >= 0, got {self.save_every!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise InputError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.data.train_subset is not None:
             _positive_int(self.data.train_subset, "data.train_subset")
         for name in ("lr", "momentum", "weight_decay", "gamma"):
             v = getattr(self.optim, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-                raise InputError(f"optim.{name} must be a number >= 0, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf"):
+                raise InputError(f"optim.{name} must be a finite number >= 0, got {v!r}")
+        if not self.optim.lr > 0:
+            raise InputError(f"optim.lr must be > 0, got {self.optim.lr!r}")
         if self.optim.schedule not in SCHEDULES:
             raise InputError(f"unknown optim.schedule {self.optim.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if sorted(self.optim.milestones) != list(self.optim.milestones):
@@ -154,11 +252,38 @@ class Config:
         if not isinstance(r.alpha, (int, float)) or isinstance(r.alpha, bool):
             raise InputError(f"rpat.alpha must be a number in [0, 1], got {r.alpha!r}")
         RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch)
+        self._validate_rebat()
+        if self.speed.amp not in AMP_MODES:
+            raise InputError(f"unknown speed.amp {self.speed.amp!r}; valid: {', '.join(AMP_MODES)}")
         return self
+
+    def _validate_rebat(self) -> None:
+        """Checks for weight averaging, the ReBAT / RPAT++ term, the strong adversary and val_size."""
+        from .training.averaging import check_averaging
+
+        if self.data.val_size is not None:
+            _positive_int(self.data.val_size, "data.val_size")
+        if self.attack.strong_after_decay:
+            _positive_int(self.attack.strong_steps, "attack.strong_steps")
+            self.train_threat_at(self.strong_attack_epoch())
+        check_averaging(self.averaging.decay, self.averaging.start_epoch)
+        if self.rebat.enabled and not self.averaging.enabled:
+            raise InputError("rebat.enabled needs the weight-averaged teacher: set averaging.enabled=true")
+        from .objectives.rebat import TeacherTerm
+
+        r = self.rebat  # checked even when off, so a typo fails before training starts
+        TeacherTerm(r.beta, 0 if r.start_epoch is None else r.start_epoch, r.target, r.alpha, r.beta_growth)
 
     def describe(self) -> str:
         t = self.train_threat()
         method = self.method.name + (" + RPAT" if self.rpat.enabled else "")
+        if self.rebat.enabled:
+            method += " + BoAT (ReBAT)" if self.rebat.target == "adversarial" else " + RP teacher (RPAT++)"
+        if self.averaging.enabled:
+            method += f" | WA from epoch {self.averaging.start_epoch + 1}"
+        if self.attack.strong_after_decay:
+            strong = format_budget(parse_budget(self.attack.strong_eps))
+            method += f" | ${strong} from epoch {self.strong_attack_epoch() + 1}"
         return (f"{method} | {self.model.arch} on {self.data.dataset} | {t.norm} "
                 f"eps={format_budget(t.eps)} | {self.optim.epochs} epochs ({self.optim.schedule})")
 
@@ -177,9 +302,9 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
         raise InputError(f"{where or 'config'} must be a mapping, got {values!r}")
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
-        if key not in names:
+        if not isinstance(key, str) or key not in names:
             valid = ", ".join(names)
-            raise InputError(f"unknown config key {where + key!r}; valid keys here: {valid}")
+            raise InputError(f"unknown config key {where + str(key)!r}; valid keys here: {valid}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{where}{key}.")
@@ -240,8 +365,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def preset_dict(name: str) -> dict[str, Any]:
+    """A built-in preset's values: a YAML file in ``configs/``, or a composed grid name ``bench/...``."""
+    from .sweep import GRID_PATTERN, grid_preset
+
+    grid = grid_preset(name)
+    if grid is not None:
+        return grid
     if name not in list_presets():
-        raise InputError(f"unknown preset {name!r}; valid: {', '.join(list_presets())}")
+        raise InputError(f"unknown preset {name!r}; valid: {', '.join(list_presets())} or {GRID_PATTERN}")
     text = (resources.files("rpat") / "configs" / f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .datasets import ArrayDataset
 
-__all__ = ["DeviceLoader", "epoch_seed", "random_crop_flip"]
+__all__ = ["DeviceLoader", "epoch_seed", "random_crop_flip", "shard_order"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -33,6 +33,25 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def shard_order(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s share of an epoch's index order ``(N,)`` among ``world_size`` processes.
+
+    Like ``torch.utils.data.DistributedSampler`` without ``drop_last``: the
+    order is padded by wrapping around to a multiple of ``world_size``, and
+    rank ``r`` takes positions ``r, r + W, r + 2W, ...``. Every rank gets
+    ``ceil(N / W)`` indices; the shards are disjoint when ``W`` divides ``N``
+    (otherwise the first ``pad`` indices appear twice). ``world_size = 1``
+    returns ``order`` itself.
+    """
+    if world_size == 1:
+        return order
+    n = order.numel()
+    total = -(-n // world_size) * world_size
+    if total > n:
+        order = torch.cat([order, order[: total - n]])
+    return order[rank:total:world_size]
 
 
 def random_crop_flip(
@@ -104,6 +123,16 @@ class DeviceLoader:
         drop_last: drop the final incomplete batch.
         seed: base seed.
         keep_on_device: hold the whole dataset on the device.
+        rank, world_size: under data parallelism, this process's rank and the number
+            of processes: each epoch's permutation (the same on every rank) is split
+            by :func:`shard_order`, so ranks see different images; ``batch_size``
+            is per rank. Rank 0 of 1 (the default) is the single-process loader.
+        views: independently augmented views per image (1, or 2 for Consistency-AT).
+            With ``V > 1`` each batch is ``x = cat([view_1, ..., view_V])``
+            ``(V·B, C, H, W)`` and ``y = cat([y] * V)``: the views are cut from the
+            same uint8 batch, one after another from the epoch's augmentation
+            generator, so they differ and depend only on ``(seed, epoch)``.
+            ``V = 1`` gives exactly the single-view batches.
     """
 
     def __init__(
@@ -119,11 +148,20 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         keep_on_device: bool = True,
+        views: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if int(batch_size) < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
         if int(padding) < 0:
             raise InputError(f"crop padding must be >= 0, got {padding}")
+        if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+            raise InputError(f"views must be an integer >= 1, got {views!r}")
+        self.views = views
+        if not 0 <= int(rank) < int(world_size):
+            raise InputError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
@@ -148,7 +186,7 @@ class DeviceLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = -(-len(self.dataset) // self.world_size)  # this rank's share (all of it with one process)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _generators(self) -> tuple[torch.Generator, torch.Generator]:
@@ -157,13 +195,18 @@ class DeviceLoader:
         order = torch.Generator()
         order.manual_seed(s)
         aug = torch.Generator(device=self.device)
-        aug.manual_seed(_mix64(s))
+        aug.manual_seed(_mix64(s) if self.rank == 0 else _mix64(_mix64(s) + self.rank))
         return order, aug
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def indices(self) -> torch.Tensor:
+        """This rank's dataset indices ``(ceil(N / world_size),)`` for the current epoch, in batch order (CPU)."""
         n = len(self.dataset)
-        order_gen, aug_gen = self._generators()
-        order = torch.randperm(n, generator=order_gen) if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=self._generators()[0]) if self.shuffle else torch.arange(n)
+        return shard_order(order, self.rank, self.world_size)  # same permutation on every rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        _, aug_gen = self._generators()
+        order = self.indices()
         if self.keep_on_device:
             order = order.to(self.device)  # one copy per epoch; batches are slices of it
         do_aug = self.augment and (self.padding > 0 or self.flip)
@@ -176,6 +219,13 @@ class DeviceLoader:
                     xb, yb = xb.pin_memory(), yb.pin_memory()
                 xb = xb.to(self.device, non_blocking=True)
                 yb = yb.to(self.device, non_blocking=True)
-            if do_aug:
+            if self.views > 1:
+                if do_aug:
+                    xb = torch.cat([random_crop_flip(xb, self.padding, self.flip, aug_gen)
+                                    for _ in range(self.views)])
+                else:
+                    xb = xb.repeat(self.views, 1, 1, 1)
+                yb = yb.repeat(self.views)
+            elif do_aug:
                 xb = random_crop_flip(xb, self.padding, self.flip, aug_gen)
             yield xb.float().div_(255), yb

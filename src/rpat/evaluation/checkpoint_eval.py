@@ -52,6 +52,8 @@ def evaluate_checkpoint(
     seed: int = 0,
     progress: bool = True,
     log=None,
+    sanity: bool = False,
+    warn=None,
 ) -> tuple[RobustnessReport, dict[str, Any]]:
     """Clean, PGD-20, AutoAttack, Mean and NRR of a checkpoint on ``n_examples`` test images.
 
@@ -61,6 +63,10 @@ def evaluate_checkpoint(
     Dataset and root default to those recorded in an rpat checkpoint (cifar10 and
     ``data`` for a plain state_dict). Returns the report and a dict describing
     what was evaluated (for the JSON output).
+
+    With ``sanity``, :func:`rpat.evaluation.sanity.run_sanity_checks` runs on the
+    first 200 images and its result goes to ``info["sanity"]``; ``warn`` gets one
+    line per failed check.
     """
     if n_examples is not None and n_examples < 1:
         raise InputError(f"--n-examples must be >= 1, got {n_examples}")
@@ -89,4 +95,9 @@ def evaluate_checkpoint(
     info = {"checkpoint": str(path), "arch": ckpt.get("arch", arch), "dataset": spec.name,
             "epoch": ckpt.get("epoch"), "n_examples": n, "device": str(dev),
             "torch": torch.__version__}
+    if sanity:
+        from .sanity import run_sanity_checks
+
+        info["sanity"] = run_sanity_checks(model, x, y, threat, report=report.to_dict(),
+                                           batch_size=min(batch_size, 200), device=dev, seed=seed, warn=warn)
     return report, info

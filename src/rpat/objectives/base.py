@@ -17,6 +17,7 @@ from torch import nn
 from ..attacks.threat import ThreatModel
 
 if TYPE_CHECKING:
+    from .rebat import TeacherTerm
     from .rpat import RPATTerm
 
 
@@ -53,10 +54,24 @@ class Forwards:
 class BaseMethod:
     """A base adversarial-training method: its attack and its loss.
 
-    Subclasses set ``name`` and implement ``attack`` and ``loss``.
+    Subclasses set ``name`` and implement ``attack`` and ``loss``. A method that
+    trains on several augmented views of each image sets ``views`` (e.g. 2): the
+    loader then yields ``x = cat([view_1, ..., view_V])`` ``(V·B, C, H, W)`` and
+    ``y = cat([y] * V)``, and the method splits them itself (``x.chunk(V)``).
+    ``rpat_pairs`` says which benign/adversarial pairs RPAT regularizes.
     """
 
     name: str = ""
+    views: int = 1
+
+    def rpat_pairs(self, x: torch.Tensor, x_adv: torch.Tensor) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+        """``[(benign_key, x_b, adversarial_key, x_a), ...]``: the pairs R is averaged over.
+
+        Keys are ``Forwards`` keys, so passes the base loss made are reused. Default:
+        the whole batch, benign ``"clean"`` with its own adversarial example ``"adv"``
+        (with several views stacked in the batch, R over all rows is the views' mean).
+        """
+        return [("clean", x, "adv", x_adv)]
 
     def __init__(self, threat: ThreatModel):
         self.threat = threat
@@ -75,15 +90,21 @@ class BaseMethod:
 
 
 class Objective:
-    """A base method plus, optionally, the RPAT term: ``L = L_base + λ·R``."""
+    """A base method plus, optionally, the RPAT term: ``L = L_base + λ·R``.
 
-    def __init__(self, method: BaseMethod, rpat: RPATTerm | None = None):
+    ``teacher`` (optional) adds ReBAT's BoAT / the RPAT++ term ``β_e·KL(teacher ‖ student)``
+    towards the weight-averaged model (``rebat.py``); the trainer binds that model to it.
+    """
+
+    def __init__(self, method: BaseMethod, rpat: RPATTerm | None = None, teacher: TeacherTerm | None = None):
         self.method = method
         self.rpat = rpat
+        self.teacher = teacher
 
     @property
     def name(self) -> str:
-        return self.method.name + ("+rpat" if self.rpat is not None else "")
+        return (self.method.name + ("+rpat" if self.rpat is not None else "")
+                + (f"+{self.teacher.name}" if self.teacher is not None else ""))
 
     def step(
         self,
@@ -107,8 +128,13 @@ class Objective:
         fw = Forwards(model, self.rpat.proxy if use_rpat else "logits")
         total, terms = self.method.loss(fw, x, y, x_adv)
         if use_rpat:
-            r = self.rpat(fw, x, x_adv)
+            pairs = self.method.rpat_pairs(x, x_adv)
+            r = sum(self.rpat(fw, xb, xa, kb, ka) for kb, xb, ka, xa in pairs) / len(pairs)
             total = total + self.rpat.lam * r
             terms["rpat"] = r.detach()
+        if self.teacher is not None and self.teacher.active(epoch):
+            kl = self.teacher(fw, x, x_adv)
+            total = total + self.teacher.weight(epoch) * kl
+            terms[self.teacher.name] = kl.detach()
         terms["loss"] = total.detach()
         return total, terms

@@ -101,9 +101,15 @@ class RPATTerm:
     def active(self, epoch: int) -> bool:
         return epoch >= self.start_epoch and self.lam > 0
 
-    def __call__(self, fw: Forwards, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-        """R for one benign/adversarial pair; reuses the passes the base loss already made."""
-        h_clean = fw.proxy("clean", x)
-        h_adv = fw.proxy("adv", x_adv)
-        h_mid = fw.proxy("mid", interpolate(x, x_adv, self.alpha))
+    def __call__(
+        self, fw: Forwards, x: torch.Tensor, x_adv: torch.Tensor, clean_key: str = "clean", adv_key: str = "adv"
+    ) -> torch.Tensor:
+        """R for one benign/adversarial pair; reuses the passes the base loss already made.
+
+        ``clean_key``/``adv_key`` name the pair's ``Forwards`` entries; the middle
+        point's key is ``"mid:" + adv_key`` (``"mid"`` for the default pair).
+        """
+        h_clean = fw.proxy(clean_key, x)
+        h_adv = fw.proxy(adv_key, x_adv)
+        h_mid = fw.proxy("mid" if adv_key == "adv" else f"mid:{adv_key}", interpolate(x, x_adv, self.alpha))
         return perception_mse(h_mid, h_clean, h_adv, self.alpha)

@@ -1,0 +1,185 @@
+"""Cheap sanity checks that an evaluation is not silently lying.
+
+``rpat eval`` runs them on a small subset (200 images by default) after the
+main evaluation and records the result under ``"sanity"`` in its JSON; a failed
+check prints one warning line. The checks:
+
+``eval_mode``
+    Every submodule is in eval mode while the model is evaluated (a module
+    whose ``train()`` keeps e.g. dropout on would make the numbers random).
+``deterministic``
+    Two forward passes on the same batch give the same logits.
+``eps0_equals_clean``
+    PGD with ε = 0 gives exactly the clean accuracy (the attack pipeline does
+    not change images it must not change).
+``ordering``
+    AA ≤ PGD ≤ Clean (percent, up to a noise tolerance of ``max(0.5, 200/n)``
+    points on the ``n`` images evaluated).
+``large_eps``
+    PGD from the clean image (no random start) with an ε covering the whole
+    image cube (ℓ∞ 1, ℓ2 √(C·H·W)) drives the accuracy below half of chance
+    (``50/K`` percent). A model that stays accurate there masks its gradients
+    (e.g. quantizes its input or has a non-differentiable step).
+``more_steps``
+    PGD with twice the steps (another random start) is not more than the
+    noise tolerance ``max(1, 300/n)`` points *above* PGD with the usual steps;
+    a stronger attack scoring higher is a gradient-masking sign.
+
+All accuracies are in percent; ε in [0, 1] pixel units. Costs about
+``5 × steps`` attack iterations on the subset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks.pgd import eval_mode, pgd
+from ..attacks.threat import ThreatModel, format_budget
+from ..errors import InputError
+
+Log = Callable[[str], None]
+
+SANITY_CHECKS = ("eval_mode", "deterministic", "eps0_equals_clean", "ordering", "large_eps", "more_steps")
+
+
+def _correct(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, batch_size: int,
+             threat: ThreatModel | None = None, seed: int = 0, start: str = "uniform") -> int:
+    """Number of images (or PGD images under ``threat``) classified correctly; one host read."""
+    gen = None
+    if threat is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        if threat is not None:
+            xb = pgd(model, xb, yb, threat, start=start, generator=gen)
+        with torch.no_grad():
+            correct += (model(xb).argmax(-1) == yb).sum()
+    return int(correct.item())
+
+
+def _large_eps(threat: ThreatModel, x: Tensor) -> ThreatModel:
+    """A threat whose ε covers the whole image cube: ℓ∞ 1, ℓ2 √(C·H·W); step ε/4, ≥ 20 steps."""
+    eps = 1.0 if threat.norm == "linf" else math.sqrt(x[0].numel())
+    return ThreatModel(threat.norm, eps, eps / 4, max(threat.steps, 20))
+
+
+def run_sanity_checks(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    report: dict[str, Any] | None = None,
+    n_examples: int = 200,
+    batch_size: int = 200,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    warn: Log | None = None,
+) -> dict[str, Any]:
+    """Run the checks of this module on the first ``n_examples`` of ``x`` ``(N, C, H, W)`` in [0, 1].
+
+    Args:
+        model: logits model, already on ``device``; its train/eval modes are restored afterwards.
+        x, y: the evaluated images and labels (``(N,)``), usually on the CPU.
+        threat: the PGD threat of the evaluation (norm, ε, step size, steps).
+        report: the evaluation's numbers (``clean``, ``pgd``, ``aa`` in percent, ``n_examples``),
+            e.g. ``RobustnessReport.to_dict()``; without it the ordering uses the subset's
+            clean and PGD accuracy.
+        n_examples: subset size (the first images).
+        warn: called with one line per failed check.
+
+    Returns:
+        ``{"passed": bool, "failed": [names], "n_examples": n, "seconds": s,
+        "checks": {name: {"passed": bool, "detail": str, ...numbers}}}``.
+    """
+    if not isinstance(threat, ThreatModel):
+        raise InputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    if n_examples < 1 or batch_size < 1:
+        raise InputError(f"n_examples and batch_size must be >= 1, got {n_examples} and {batch_size}")
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    n = min(int(n_examples), int(x.shape[0]))
+    xs, ys = x[:n], y[:n]
+    checks: dict[str, dict[str, Any]] = {}
+
+    def pct(count: int) -> float:
+        return 100.0 * count / n
+
+    with eval_mode(model):
+        training = [name or "<model>" for name, m in model.named_modules() if m.training]
+        checks["eval_mode"] = {
+            "passed": not training,
+            "detail": ("all modules in eval mode" if not training else
+                       f"{len(training)} module(s) stay in train mode during evaluation: "
+                       f"{', '.join(training[:3])}{'...' if len(training) > 3 else ''}"),
+        }
+
+        xb = xs[:batch_size].to(dev)
+        with torch.no_grad():
+            a, b = model(xb), model(xb)
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        num_classes = int(a.shape[-1])
+        checks["deterministic"] = {
+            "passed": diff <= 1e-5 * (1.0 + scale), "max_abs_diff": diff,
+            "detail": f"two forward passes differ by at most {diff:.3g} (logit scale {scale:.3g})",
+        }
+
+        clean = pct(_correct(model, xs, ys, dev, batch_size))
+        zero = ThreatModel(threat.norm, 0.0, threat.step_size, max(1, min(threat.steps, 2)))
+        acc0 = pct(_correct(model, xs, ys, dev, batch_size, zero, seed))
+        checks["eps0_equals_clean"] = {
+            "passed": acc0 == clean, "clean": clean, "eps0": acc0,
+            "detail": f"PGD with eps=0: {acc0:.2f}% vs clean {clean:.2f}%",
+        }
+
+        pgd_k = pct(_correct(model, xs, ys, dev, batch_size, threat, seed))
+
+        rep_n = int(report.get("n_examples") or n) if report else n
+        tol = max(0.5, 200.0 / rep_n)
+        r_clean = report.get("clean") if report else clean
+        r_pgd = report.get("pgd") if report else pgd_k
+        r_aa = report.get("aa") if report else None
+        ok = r_pgd is None or r_clean is None or r_pgd <= r_clean + tol
+        ok = ok and (r_aa is None or r_pgd is None or r_aa <= r_pgd + tol)
+        shown = f"AA {r_aa:.2f} <= " if r_aa is not None else ""
+        checks["ordering"] = {
+            "passed": bool(ok), "clean": r_clean, "pgd": r_pgd, "aa": r_aa, "tolerance": tol,
+            "detail": f"{shown}PGD {r_pgd:.2f} <= Clean {r_clean:.2f} (tolerance {tol:.2f} points)",
+        }
+
+        big = _large_eps(threat, xs)
+        acc_big = pct(_correct(model, xs, ys, dev, batch_size, big, seed, start="none"))
+        limit = 50.0 / max(num_classes, 1)
+        checks["large_eps"] = {
+            "passed": acc_big <= limit, "accuracy": acc_big, "limit": limit, "eps": big.eps,
+            "detail": (f"PGD-{big.steps} with {big.norm} eps={format_budget(big.eps)} (whole image range): "
+                       f"{acc_big:.2f}% (must be <= {limit:.2f}%)"),
+        }
+
+        strong = threat.with_steps(2 * max(threat.steps, 1))
+        acc_strong = pct(_correct(model, xs, ys, dev, batch_size, strong, seed + 1))
+        tol_s = max(1.0, 300.0 / n)
+        checks["more_steps"] = {
+            "passed": acc_strong <= pgd_k + tol_s, "pgd": pgd_k, "pgd_more_steps": acc_strong,
+            "tolerance": tol_s,
+            "detail": (f"PGD-{strong.steps} {acc_strong:.2f}% vs PGD-{threat.steps} {pgd_k:.2f}% "
+                       f"(may exceed it by at most {tol_s:.2f} points)"),
+        }
+
+    failed = [k for k, v in checks.items() if not v["passed"]]
+    if warn is not None:
+        for k in failed:
+            warn(f"rpat: warning: sanity check {k} failed: {checks[k]['detail']}")
+    for v in checks.values():
+        v["passed"] = bool(v["passed"])
+    return {"passed": not failed, "failed": failed, "n_examples": n,
+            "seconds": time.perf_counter() - t0, "checks": checks}

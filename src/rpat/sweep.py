@@ -1,0 +1,395 @@
+"""The experiment grid and ``rpat sweep``: train many configs, evaluate, gather one table.
+
+The grid
+--------
+Grid presets are composed from parts instead of being stored as 144 YAML files::
+
+    bench/<dataset>/<arch>/<norm>/<method>/<variant>
+
+    dataset  cifar10 | cifar100 | tiny-imagenet
+    arch     resnet18 | preact_resnet18 | wrn34_10
+    norm     linf (ε 8/255, step 2/255) | l2 (ε 128/255, step 32/255)
+    method   pgd_at | trades | mart | consistency_at
+    variant  base (no RPAT) | rpat (RPAT, logits proxy)
+             | rpat-second_to_last | rpat-third_to_last (the Table 5 proxy variants)
+
+Every cell is the paper's benchmark setting (Sec. 5.2): PGD-10 training attack,
+SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 110 epochs with lr ×0.1
+at epochs 100 and 105, RPAT λ = 1, a = 0.5, PGD-20 held-out selection on 1,000
+test images. ``base``/``rpat`` over all parts are the 144 cells of the benchmark
+grid; Table 5 is ``bench/cifar10/resnet18/linf/pgd_at/{base,rpat,rpat-second_to_last,
+rpat-third_to_last}``. ``grid_preset(name)`` returns the preset's dict (as a
+YAML preset would load), ``grid_names()`` lists them all.
+
+The sweep
+---------
+``run_sweep(specs, out)`` trains each config into ``out/<name>/`` one after
+another (or one process per GPU with ``gpus``), skips finished runs (final.pt
+and both evaluations present), resumes interrupted ones from ``last.pt``, then
+evaluates ``best.pt`` and ``final.pt`` (Clean, PGD-20, AutoAttack, Mean, NRR;
+accuracies in percent) and writes ``out/results.md`` and ``out/results.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from .config import Config, build_config, list_presets, load_yaml
+from .errors import InputError
+
+# ---- the grid ------------------------------------------------------------------------
+GRID_PREFIX = "bench"
+GRID_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet")
+GRID_ARCHS: tuple[str, ...] = ("resnet18", "preact_resnet18", "wrn34_10")
+GRID_NORMS: tuple[str, ...] = ("linf", "l2")
+GRID_METHODS: tuple[str, ...] = ("pgd_at", "trades", "mart", "consistency_at")
+#: variant -> RPAT proxy (None: RPAT off). ``base``/``rpat`` make the 144-cell grid.
+GRID_VARIANTS: dict[str, str | None] = {
+    "base": None, "rpat": "logits", "rpat-second_to_last": "second_to_last", "rpat-third_to_last": "third_to_last",
+}
+GRID_PATTERN = (f"{GRID_PREFIX}/{{{','.join(GRID_DATASETS)}}}/{{{','.join(GRID_ARCHS)}}}/"
+                f"{{{','.join(GRID_NORMS)}}}/{{{','.join(GRID_METHODS)}}}/{{{','.join(GRID_VARIANTS)}}}")
+_BUDGETS = {"linf": ("8/255", "2/255"), "l2": ("128/255", "32/255")}
+
+METHOD_LABELS = {"pgd_at": "PGD-AT", "trades": "TRADES", "mart": "MART", "consistency_at": "Consistency-AT"}
+
+
+def grid_names(variants: tuple[str, ...] = ("base", "rpat")) -> list[str]:
+    """All grid preset names with the given variants (default: the 144 benchmark cells)."""
+    return ["/".join((GRID_PREFIX, *parts))
+            for parts in product(GRID_DATASETS, GRID_ARCHS, GRID_NORMS, GRID_METHODS, variants)]
+
+
+def grid_preset(name: str) -> dict[str, Any] | None:
+    """The config dict of grid preset ``name``; None when ``name`` is not a grid name.
+
+    Raises InputError when ``name`` starts with ``bench/`` but a part is invalid.
+    """
+    parts = name.split("/")
+    if parts[0] != GRID_PREFIX:
+        return None
+    allowed = (GRID_DATASETS, GRID_ARCHS, GRID_NORMS, GRID_METHODS, tuple(GRID_VARIANTS))
+    what = ("dataset", "arch", "norm", "method", "variant")
+    if len(parts) != 6:
+        raise InputError(f"grid preset {name!r} must look like {GRID_PREFIX}/DATASET/ARCH/NORM/METHOD/VARIANT")
+    for part, ok, w in zip(parts[1:], allowed, what, strict=True):
+        if part not in ok:
+            raise InputError(f"grid preset {name!r}: unknown {w} {part!r}; valid: {', '.join(ok)}")
+    _, dataset, arch, norm, method, variant = parts
+    eps, step = _BUDGETS[norm]
+    proxy = GRID_VARIANTS[variant]
+    return {
+        "data": {"dataset": dataset, "batch_size": 128, "augment": True},
+        "model": {"arch": arch},
+        "attack": {"norm": norm, "eps": eps, "step_size": step, "steps": 10},
+        "method": {"name": method},
+        "rpat": {"enabled": proxy is not None, "lam": 1.0, "alpha": 0.5, "proxy": proxy or "logits"},
+        "optim": {"epochs": 110, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "piecewise",
+                  "milestones": [100, 105], "gamma": 0.1},
+        "eval": {"n_examples": 1000, "steps": 20},
+    }
+
+
+# ---- what to run ---------------------------------------------------------------------
+@dataclass
+class SweepRun:
+    """One run of a sweep: its directory name under ``--out`` and its resolved config."""
+
+    name: str
+    cfg: Config
+
+
+def _is_preset(spec: str) -> bool:
+    return spec.startswith(GRID_PREFIX + "/") or spec in list_presets()
+
+
+def _runs_from_listing(path: Path, data: dict[str, Any], overrides: list[str]) -> list[SweepRun]:
+    entries = data.get("runs")
+    common = data.get("overrides") or []
+    if not isinstance(entries, list) or not isinstance(common, list):
+        raise InputError(f"{str(path)!r}: 'runs' must be a list and 'overrides' a list of key=value strings")
+    out = []
+    for i, e in enumerate(entries):
+        if isinstance(e, str):
+            e = {"preset": e} if _is_preset(e) else {"config": e}
+        if not isinstance(e, dict) or not ({"preset", "config"} & set(e)):
+            raise InputError(f"{str(path)!r}: runs[{i}] needs a 'preset' or a 'config' (got {e!r})")
+        unknown = set(e) - {"name", "preset", "config", "overrides"}
+        if unknown:
+            raise InputError(f"{str(path)!r}: runs[{i}] has unknown keys {sorted(unknown)}; "
+                             "valid: name, preset, config, overrides")
+        file = e.get("config")
+        if file is not None and not Path(file).is_absolute():
+            file = str(path.parent / file)
+        ovr = [*common, *(e.get("overrides") or []), *overrides]
+        cfg = build_config(e.get("preset"), file, ovr)
+        name = e.get("name") or (e["preset"].replace("/", "_") if e.get("preset") else Path(file).stem)
+        out.append(SweepRun(str(name), cfg))
+    return out
+
+
+def collect_runs(specs: list[str], overrides: list[str] | None = None) -> list[SweepRun]:
+    """Resolve sweep arguments into runs, in order.
+
+    Each spec is a preset name (``bench/...`` or a built-in preset), a config
+    YAML file, a glob of such files (quote it), or a YAML *listing*:
+    ``{runs: [{name, preset | config, overrides: [k=v, ...]}, ...], overrides: [...]}``
+    (relative ``config`` paths are relative to the listing). ``overrides``
+    apply to every run, last. Run names must be unique.
+    """
+    overrides = list(overrides or [])
+    runs: list[SweepRun] = []
+    for spec in specs:
+        if _is_preset(spec):
+            runs.append(SweepRun(spec.replace("/", "_"), build_config(spec, None, overrides)))
+            continue
+        paths = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
+        if not paths:
+            raise InputError(f"no config file matches {spec!r}")
+        for p in map(Path, paths):
+            data = load_yaml(p)
+            if isinstance(data, dict) and "runs" in data:
+                runs += _runs_from_listing(p, data, overrides)
+            else:
+                runs.append(SweepRun(p.stem, build_config(None, p, overrides)))
+    if not runs:
+        raise InputError("nothing to sweep: give config files, presets or a listing")
+    names = [r.name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"two runs share the name {dup[0]!r}; give them distinct 'name's in a listing")
+    return runs
+
+
+# ---- running -------------------------------------------------------------------------
+EVALS = ("best", "final")
+
+
+def _eval_path(run_dir: Path, which: str) -> Path:
+    return run_dir / f"eval_{which}.json"
+
+
+def _eval_ok(path: Path, n_examples: int | None, autoattack: bool) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        done = json.loads(path.read_text()).get("sweep", {})
+    except json.JSONDecodeError:
+        return False
+    return done.get("n_examples") == n_examples and done.get("autoattack") == autoattack
+
+
+def is_finished(run_dir: Path, n_examples: int | None, autoattack: bool) -> bool:
+    """True when training ended (final.pt) and best/final were evaluated with these settings."""
+    return (run_dir / "final.pt").is_file() and all(
+        _eval_ok(_eval_path(run_dir, w), n_examples, autoattack) for w in EVALS)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    import torch
+
+    from .checkpoint import load_checkpoint
+
+    sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def train_and_evaluate(
+    run: SweepRun,
+    out: Path,
+    *,
+    n_examples: int | None = 1000,
+    autoattack: bool = True,
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Train (or resume, or skip) one run, then evaluate best.pt and final.pt. Returns what it did."""
+    from .evaluation.checkpoint_eval import evaluate_checkpoint
+    from .training import Trainer
+
+    run_dir = out / run.name
+    if is_finished(run_dir, n_examples, autoattack):
+        log(f"[{run.name}] finished: skipped")
+        return "skipped"
+    did = "evaluated"
+    if not (run_dir / "final.pt").is_file():
+        resume = (run_dir / "last.pt").is_file()
+        log(f"[{run.name}] {'resuming' if resume else 'training'}: {run.cfg.describe()}")
+        Trainer(run.cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log).fit()
+        did = "resumed" if resume else "trained"
+    dev = device or run.cfg.device
+    reports: dict[str, dict[str, Any]] = {}
+    for which in EVALS:
+        path = _eval_path(run_dir, which)
+        if _eval_ok(path, n_examples, autoattack):
+            continue
+        ckpt = run_dir / f"{which}.pt"
+        if which == "final" and "best" in reports and _same_weights(run_dir / "best.pt", ckpt):
+            result = {**reports["best"], "checkpoint": str(ckpt), "same_weights_as": "best"}
+        else:
+            log(f"[{run.name}] evaluating {which}.pt")
+            report, info = evaluate_checkpoint(ckpt, n_examples=n_examples, autoattack=autoattack, device=dev,
+                                               progress=progress)
+            result = {**info, **report.to_dict()}
+        result["sweep"] = {"n_examples": n_examples, "autoattack": autoattack}
+        reports[which] = result
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return did
+
+
+# ---- the table -----------------------------------------------------------------------
+METRICS = (("clean", "Clean"), ("pgd", "PGD-20"), ("aa", "AA"), ("mean", "Mean"), ("nrr", "NRR"))
+COLUMNS = ["run", "setting", "method", *[f"{label} ({w})" for w in EVALS for _, label in METRICS]]
+
+
+def method_label(cfg: Config) -> str:
+    """``"TRADES + RPAT"``, ``"PGD-AT + RPAT (second_to_last)"``, ``"MART"``..."""
+    label = METHOD_LABELS.get(cfg.method.name, cfg.method.name)
+    if cfg.rpat.enabled:
+        label += " + RPAT" + ("" if cfg.rpat.proxy == "logits" else f" ({cfg.rpat.proxy})")
+    return label
+
+
+def gather(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
+    """One row per run: run, setting (dataset/arch/norm), method, then the metrics of best and final."""
+    rows = []
+    for run in runs:
+        c = run.cfg
+        row: dict[str, Any] = {"run": run.name, "setting": f"{c.data.dataset}/{c.model.arch}/{c.attack.norm}",
+                               "method": method_label(c)}
+        for which in EVALS:
+            path = _eval_path(out / run.name, which)
+            res = json.loads(path.read_text()) if path.is_file() else {}
+            for key, label in METRICS:
+                row[f"{label} ({which})"] = res.get(key)
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """Table 1 layout: one row per method ± RPAT; Clean/PGD-20/AA/Mean/NRR of best, then of final (%)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r[c] is None else (round(r[c], 4) if isinstance(r[c], float) else r[c]))
+                    for c in COLUMNS})
+    return buf.getvalue()
+
+
+def write_tables(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
+    rows = gather(runs, out)
+    (out / "results.md").write_text(to_markdown(rows))
+    (out / "results.csv").write_text(to_csv(rows))
+    return rows
+
+
+# ---- the whole sweep -----------------------------------------------------------------
+def parse_gpus(text: str | None) -> list[str]:
+    """``"0,1,3"`` -> ``["0", "1", "3"]``; ``"all"`` -> every visible CUDA device."""
+    if not text:
+        return []
+    if text == "all":
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    ids = [t.strip() for t in text.split(",") if t.strip()]
+    if not ids or not all(t.isdigit() for t in ids):
+        raise InputError(f"--gpus must be a comma-separated list of GPU indices such as 0,1 (or all), got {text!r}")
+    return ids
+
+
+def run_sweep(
+    specs: list[str],
+    out: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    n_examples: int | None = 1000,
+    autoattack: bool = True,
+    gpus: list[str] | None = None,
+    only: list[str] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    write_table: bool = True,
+) -> list[dict[str, Any]]:
+    """Run a whole sweep (see the module docstring); returns the table rows.
+
+    With two or more ``gpus`` the runs are dealt round-robin to one worker
+    process per GPU (``CUDA_VISIBLE_DEVICES`` set to that GPU), each running its
+    share one after another; logs go to ``out/_logs/gpu<i>.log``.
+    """
+    if n_examples is not None and n_examples < 1:
+        raise InputError(f"--n-examples must be >= 1, got {n_examples}")
+    out = Path(out)
+    runs = collect_runs(specs, overrides)
+    todo = runs
+    if only:
+        missing = sorted(set(only) - {r.name for r in runs})
+        if missing:
+            raise InputError(f"--only names a run that is not in the sweep: {missing[0]!r}")
+        todo = [r for r in runs if r.name in only]
+    out.mkdir(parents=True, exist_ok=True)
+    if gpus and len(gpus) > 1:
+        _spread(specs, out, todo, overrides or [], n_examples, autoattack, gpus, device, log)
+    else:
+        if gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
+        for i, run in enumerate(todo):
+            t0 = time.perf_counter()
+            did = train_and_evaluate(run, out, n_examples=n_examples, autoattack=autoattack, device=device,
+                                     progress=progress, log=log)
+            log(f"[{run.name}] {did} ({i + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s)")
+    return write_tables(runs, out) if write_table else gather(runs, out)
+
+
+def _spread(specs: list[str], out: Path, todo: list[SweepRun], overrides: list[str], n_examples: int | None,
+            autoattack: bool, gpus: list[str], device: str | None, log: Callable[[str], None]) -> None:
+    """One ``rpat sweep --only ...`` subprocess per GPU; waits for all; raises if one failed."""
+    logs = out / "_logs"
+    logs.mkdir(exist_ok=True)
+    procs = []
+    for k, gpu in enumerate(gpus):
+        share = [r.name for r in todo[k::len(gpus)]]
+        if not share:
+            continue
+        cmd = [sys.executable, "-m", "rpat", "sweep", *specs, "--out", str(out), "--no-progress", "--no-table",
+               "--only", ",".join(share)]
+        cmd += [a for o in overrides for a in ("--set", o)]
+        cmd += ["--n-examples", str(n_examples)] if n_examples is not None else ["--all-test-images"]
+        cmd += [] if autoattack else ["--no-autoattack"]
+        cmd += ["--device", device] if device else []
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        f = open(logs / f"gpu{gpu}.log", "a")  # noqa: SIM115 - closed after the process ends
+        procs.append((gpu, subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), f))
+        log(f"GPU {gpu}: {len(share)} runs -> {logs / f'gpu{gpu}.log'}")
+    failed = []
+    for gpu, p, f in procs:
+        if p.wait() != 0:
+            failed.append(gpu)
+        f.close()
+    if failed:
+        raise InputError(f"the worker on GPU {failed[0]} failed; see {logs / f'gpu{failed[0]}.log'}")

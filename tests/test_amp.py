@@ -22,7 +22,8 @@ N_EVAL = 599  # the whole digits test split
 
 def _cfg(**speed):
     return build_config("digits_demo", None, [
-        {"device": "cpu", "attack": {"steps": 5}, "optim": {"epochs": 4, "milestones": [3]},
+        {"device": "cpu", "data": {"batch_size": 32}, "attack": {"steps": 5, "eps": "16/255", "step_size": "4/255"},
+         "optim": {"epochs": 4, "lr": 0.1, "milestones": [3]},
          "eval": {"n_examples": N_EVAL, "steps": 20}, "speed": speed}])
 
 
@@ -50,14 +51,14 @@ def _run(tmp_path, name, **speed):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("amp")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # tiny 8x8 model: more threads only add overhead on a shared machine
     return {"fp32": _run(tmp, "fp32"), "bf16": _run(tmp, "bf16", amp="bf16")}
 
 
 def test_bf16_training_matches_fp32_pgd20_accuracy_within_noise(runs):
     (_, m32, _), (_, m16, _) = runs["fp32"], runs["bf16"]
     for m in (m32, m16):
-        assert m["held_out_pgd"] > 30  # both learned something robust (chance is 10%)
+        assert m["held_out_pgd"] > 50  # both learned something robust (chance is 10%)
         assert math.isfinite(m["train_loss"])
     # binomial standard error of an accuracy near 50% on 599 images: ~2 points; allow 3 s.e.
     se = 100 * math.sqrt(0.25 / N_EVAL)

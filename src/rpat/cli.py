@@ -29,6 +29,10 @@ overrides are section.key=value pairs (values parsed as YAML; eps as 8/255):
   rebat.{enabled,beta,target,alpha,start_epoch,beta_growth}
   optim.{epochs,lr,momentum,weight_decay,nesterov,schedule,milestones,gamma}
   eval.{n_examples,eps,step_size,steps,batch_size}  seed  device  log_interval  nonfinite={stop,skip}
+  speed.{amp=none|bf16,channels_last,compile,sync_bn}   (see benchmarks/README.md for what each pays)
+
+several GPUs (DistributedDataParallel; data.batch_size is the global batch, split over the processes):
+  torchrun --nproc-per-node 4 -m rpat train --preset cifar10_benchmark --rpat --run-dir runs/ddp speed.amp=bf16
 
 SIGINT (Ctrl-C) or SIGTERM stops training at once; last.pt keeps the last finished epoch and
 `rpat train --run-dir DIR --resume` continues exactly (exit status 130 / 143).

@@ -208,8 +208,15 @@ def _train(args: argparse.Namespace) -> int:
         run_dir = Path("runs") / name
     progress = not args.no_progress
     trainer = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=progress)
-    print(f"rpat {__version__}: {trainer.cfg.describe()} -> {run_dir}", flush=True)
+    if trainer.is_main:
+        print(f"rpat {__version__}: {trainer.cfg.describe()} -> {run_dir}", flush=True)
     summary = trainer.fit()
+    if trainer.dist.active:  # under torchrun: rank 0 reports (and evaluates); the others are done
+        from .training.distributed import cleanup
+
+        cleanup()
+        if not trainer.is_main:
+            return 0
     print(f"done: best held-out PGD {summary['best_held_out_pgd']:.2f} at epoch {summary['best_epoch']}; "
           f"checkpoints in {run_dir}")
     if args.eval:

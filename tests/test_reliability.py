@@ -293,6 +293,7 @@ def test_guard_restores_params_buffers_and_momentum_exactly():
     for m, p in zip(momenta, model.parameters(), strict=True):
         assert torch.equal(m, opt.state[p]["momentum_buffer"])
     assert guard.check(0, 3) == 2  # skip mode counts, does not raise
+    opt.zero_grad(set_to_none=True)
     stop = NonFiniteGuard(model, opt, "stop", torch.device("cpu"))
     stop.observe(4, torch.tensor(float("inf")), {"rpat": torch.tensor(float("inf")), "ce": torch.tensor(1.0)})
     with pytest.raises(NonFiniteLossError, match=r"loss term\(s\) rpat at epoch 1, step 5/9"):

@@ -18,8 +18,10 @@ from rpat.attacks.threat import ThreatModel, default_threat  # noqa: E402
 from rpat.errors import InputError  # noqa: E402
 from rpat.objectives import RPATTerm  # noqa: E402
 
+RPAT = RPATTerm()
 
-def _problem(rpat: RPATTerm | None = RPATTerm(), threat: ThreatModel | None = None) -> bench.Problem:
+
+def _problem(rpat: RPATTerm | None = RPAT, threat: ThreatModel | None = None) -> bench.Problem:
     return bench.Problem("small_cnn", 8, torch.device("cpu"), threat or default_threat("linf", steps=3), rpat,
                          image_size=8, in_chans=1)
 

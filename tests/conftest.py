@@ -13,11 +13,17 @@ SUBSET_SIZES = {"train": 40, "test": 20}  # images per class, the first by sorte
 
 
 def cifar10_jpeg_archive() -> Path:
-    """Where the real CIFAR-10 JPEG archive is: ``$RPAT_CIFAR10_JPEG`` or ``../shared/datasets``."""
+    """Where the real CIFAR-10 JPEG archive is.
+
+    ``$RPAT_CIFAR10_JPEG`` if set, else ``../shared/datasets`` next to the checkout,
+    else the project machines' ``/work/shared/datasets`` (for clones made elsewhere).
+    """
     env = os.environ.get(CIFAR10_JPEG_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared/datasets/cifar10-jpeg.tar.gz"
+    name = "shared/datasets/cifar10-jpeg.tar.gz"
+    candidates = [Path(__file__).resolve().parents[1].parent / name, Path("/work") / name]
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 @pytest.fixture(scope="session")

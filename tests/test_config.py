@@ -55,7 +55,7 @@ def test_round_trip_through_dict():
         ("optim.epochs=0", "optim.epochs must be an integer >= 1"),
         ("optim.epochs=2.5", "must be an integer"),
         ("data.batch_size=-3", "data.batch_size must be an integer >= 1"),
-        ("optim.lr=-0.1", "optim.lr must be a number >= 0"),
+        ("optim.lr=-0.1", "optim.lr must be a finite number >= 0"),
         ("optim.schedule=step", "unknown optim.schedule"),
         ("rpat.enabled=maybe", "must be true or false"),
         ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),

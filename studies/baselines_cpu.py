@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,8 +101,8 @@ def write_doc(args: argparse.Namespace, rows: list[dict], wall: float | None, co
         f"by PGD-20 on {args.held_out} held-out test images after each epoch.",
         "- Evaluation: Clean, PGD-20 (ℓ∞ 8/255, step 2/255), AutoAttack standard (APGD-CE, APGD-T, FAB-T, "
         "Square), Mean = (Clean+AA)/2, NRR = 2·Clean·AA/(Clean+AA); all in percent.",
-        f"- Machine: {platform.machine()} CPU, 2 cores shared with other jobs, 1 thread (`OMP_NUM_THREADS=1`), "
-        f"no GPU; torch {torch.__version__}."
+        f"- Machine: {platform.machine()} CPU, {os.cpu_count()} cores, {args.jobs} worker process(es) of 1 thread "
+        f"(`OMP_NUM_THREADS=1`), no GPU; torch {torch.__version__}."
         + ("" if wall is None else f" Wall time of this invocation: {wall / 60:.1f} min."),
         "",
         "## Results",
@@ -119,6 +122,32 @@ def write_doc(args: argparse.Namespace, rows: list[dict], wall: float | None, co
     ])
 
 
+def _parallel(args: argparse.Namespace, spec: Path, out: Path) -> None:
+    """Run the sweep as ``args.jobs`` single-threaded ``rpat sweep --only ...`` processes; logs in out/_logs."""
+    names = [r.name for r in collect_runs([str(spec)])]
+    logs = out / "_logs"
+    logs.mkdir(exist_ok=True)
+    procs = []
+    for k in range(args.jobs):
+        share = names[k::args.jobs]
+        if not share:
+            continue
+        cmd = [sys.executable, "-m", "rpat", "sweep", str(spec), "--out", str(out), "--no-progress", "--no-table",
+               "--only", ",".join(share), "--n-examples", str(args.n_examples)]
+        cmd += ["--no-autoattack"] if args.no_autoattack else []
+        log = open(logs / f"worker{k}.log", "a")  # noqa: SIM115 - closed after the process ends
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs.append((k, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        print(time.strftime("%H:%M:%S"), f"worker {k}: {', '.join(share)} -> {logs / f'worker{k}.log'}", flush=True)
+    failed = []
+    for k, proc, log in procs:
+        if proc.wait() != 0:
+            failed.append(k)
+        log.close()
+    if failed:
+        sys.exit(f"worker {failed[0]} failed; see {logs / f'worker{failed[0]}.log'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default="data")
@@ -133,6 +162,9 @@ def main() -> None:
     p.add_argument("--n-examples", type=int, default=1000, help="test images of the final evaluation")
     p.add_argument("--no-autoattack", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes (1 thread each); runs are dealt round-robin, so with 2 each base "
+                        "method and its RPAT variant train side by side")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the doc from the runs finished so far (empty cells: not done)")
     args = p.parse_args()
@@ -142,13 +174,19 @@ def main() -> None:
     spec = out / "listing.yaml"
     spec.write_text(listing(args))
     t0 = time.perf_counter()
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.report_only:
+        rows = gather(collect_runs([str(spec)]), out)
+    elif args.jobs > 1:
+        _parallel(args, spec, out)
         rows = gather(collect_runs([str(spec)]), out)
     else:
         rows = run_sweep([str(spec)], out, n_examples=args.n_examples, autoattack=not args.no_autoattack,
                          progress=False, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     command = "OMP_NUM_THREADS=1 .venv/bin/python studies/baselines_cpu.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("no_autoattack", "report_only")
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in ("no_autoattack", "report_only")
     ) + (" --no-autoattack" if args.no_autoattack else "")
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     wall = None if args.report_only else time.perf_counter() - t0

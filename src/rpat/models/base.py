@@ -16,7 +16,7 @@ Conventions (all models):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,20 @@ from torch import nn
 from ..errors import InputError
 
 PROXIES: tuple[str, ...] = ("logits", "second_to_last", "third_to_last")
+
+
+def make_stage(
+    block: Callable[[int, int, int], nn.Module], in_planes: int, planes: int, blocks: int, stride: int
+) -> nn.Sequential:
+    """One ResNet stage: ``blocks`` residual blocks ``block(in, out, stride)``.
+
+    The first block maps ``in_planes`` -> ``planes`` channels with ``stride``
+    (``(B, in_planes, H, W)`` -> ``(B, planes, H / stride, W / stride)``); the
+    rest keep ``planes`` channels at stride 1. Blocks are built in order, so
+    parameter initialization under a fixed seed does not depend on this helper.
+    """
+    return nn.Sequential(*(block(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
+                           for i in range(blocks)))
 
 
 class Normalize(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ImageClassifier
+from .base import ImageClassifier, make_stage
 from .registry import register_model
 
 
@@ -23,8 +23,6 @@ class PreActBlock(nn.Module):
     ``(B, in_planes, H, W)`` -> ``(B, planes, H / stride, W / stride)``. When
     the shape is unchanged the shortcut is the identity on the raw input.
     """
-
-    expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -69,22 +67,14 @@ class PreActResNet(ImageClassifier):
         std: Sequence[float] | None = None,
     ):
         super().__init__(num_classes, in_chans, mean, std)
-        self.in_planes = 64
         self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(64, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(128, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(256, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(512, num_blocks[3], stride=2)
-        self.bn = nn.BatchNorm2d(512 * PreActBlock.expansion)
-        self.linear = nn.Linear(512 * PreActBlock.expansion, num_classes)
-        self.embed_dim = 512 * PreActBlock.expansion
-
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes * PreActBlock.expansion
-        return nn.Sequential(*layers)
+        self.layer1 = make_stage(PreActBlock, 64, 64, num_blocks[0], stride=1)
+        self.layer2 = make_stage(PreActBlock, 64, 128, num_blocks[1], stride=2)
+        self.layer3 = make_stage(PreActBlock, 128, 256, num_blocks[2], stride=2)
+        self.layer4 = make_stage(PreActBlock, 256, 512, num_blocks[3], stride=2)
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, num_classes)
+        self.embed_dim = 512
 
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized ``(B, C, H, W)`` -> ``(layer3 output (B, 256, H/4, W/4), embedding (B, 512))``."""

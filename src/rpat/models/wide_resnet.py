@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .base import ImageClassifier
+from .base import ImageClassifier, make_stage
 from .registry import register_model
 
 
@@ -57,12 +58,7 @@ class WideGroup(nn.Module):
 
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, dropout: float = 0.0):
         super().__init__()
-        self.layer = nn.Sequential(
-            *[
-                WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, dropout)
-                for i in range(n)
-            ]
-        )
+        self.layer = make_stage(partial(WideBasicBlock, dropout=dropout), in_planes, out_planes, n, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)

@@ -19,14 +19,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rpat.sweep import METHOD_LABELS, collect_runs, gather, run_sweep, to_markdown
+from rpat.sweep import METHOD_LABELS, collect_runs, gather, run_sweep, run_workers, to_markdown
 
 METHODS = ("pgd_at", "trades", "mart", "consistency_at")
 #: Points. The seed study on the same data and model (docs/results.md) measured an across-seed sd of
@@ -71,8 +69,11 @@ def _verdict(rows: list[dict]) -> list[str]:
     out = []
     for m in METHODS:
         base, rp = by.get(METHOD_LABELS[m]), by.get(METHOD_LABELS[m] + " + RPAT")
-        if not base or not rp or base["AA (final)"] is None or rp["AA (final)"] is None:
+        if not base or not rp or base["Clean (final)"] is None or rp["Clean (final)"] is None:
             out.append(f"- {METHOD_LABELS[m]}: not finished, no comparison.")
+            continue
+        if base["AA (final)"] is None or rp["AA (final)"] is None:
+            out.append(f"- {METHOD_LABELS[m]}: no AutoAttack result (run with --no-autoattack?), no AA comparison.")
             continue
         da, dc = rp["AA (final)"] - base["AA (final)"], rp["Clean (final)"] - base["Clean (final)"]
         if abs(da) <= NOISE_PT:
@@ -168,32 +169,6 @@ def write_doc(args: argparse.Namespace, rows: list[dict], wall: float | None, co
     ])
 
 
-def _parallel(args: argparse.Namespace, spec: Path, out: Path) -> None:
-    """Run the sweep as ``args.jobs`` single-threaded ``rpat sweep --only ...`` processes; logs in out/_logs."""
-    names = [r.name for r in collect_runs([str(spec)])]
-    logs = out / "_logs"
-    logs.mkdir(exist_ok=True)
-    procs = []
-    for k in range(args.jobs):
-        share = names[k::args.jobs]
-        if not share:
-            continue
-        cmd = [sys.executable, "-m", "rpat", "sweep", str(spec), "--out", str(out), "--no-progress", "--no-table",
-               "--only", ",".join(share), "--n-examples", str(args.n_examples)]
-        cmd += ["--no-autoattack"] if args.no_autoattack else []
-        log = open(logs / f"worker{k}.log", "a")  # noqa: SIM115 - closed after the process ends
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        procs.append((k, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        print(time.strftime("%H:%M:%S"), f"worker {k}: {', '.join(share)} -> {logs / f'worker{k}.log'}", flush=True)
-    failed = []
-    for k, proc, log in procs:
-        if proc.wait() != 0:
-            failed.append(k)
-        log.close()
-    if failed:
-        sys.exit(f"worker {failed[0]} failed; see {logs / f'worker{failed[0]}.log'}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default="data")
@@ -220,16 +195,22 @@ def main() -> None:
     spec = out / "listing.yaml"
     spec.write_text(listing(args))
     t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(time.strftime("%H:%M:%S"), message, flush=True)
+
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.report_only:
         rows = gather(collect_runs([str(spec)]), out)
     elif args.jobs > 1:
-        _parallel(args, spec, out)
-        rows = gather(collect_runs([str(spec)]), out)
+        runs = collect_runs([str(spec)])
+        run_workers([str(spec)], out, runs, [], args.n_examples, not args.no_autoattack,
+                    {f"worker{k}": {"OMP_NUM_THREADS": "1"} for k in range(args.jobs)}, None, log)
+        rows = gather(runs, out)
     else:
         rows = run_sweep([str(spec)], out, n_examples=args.n_examples, autoattack=not args.no_autoattack,
-                         progress=False, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
+                         progress=False, log=log)
     command = "OMP_NUM_THREADS=1 .venv/bin/python studies/baselines_cpu.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k not in ("no_autoattack", "report_only")

@@ -153,3 +153,36 @@ def test_parse_gpus():
     for bad in ("cuda:0", "a,b", ","):
         with pytest.raises(InputError, match="--gpus"):
             parse_gpus(bad)
+
+
+def test_run_workers_deals_runs_and_matches_a_sequential_sweep(tmp_path):
+    """Two CPU worker processes (``run_workers``, as ``--gpus`` uses) give the same weights as one process."""
+    pytest.importorskip("sklearn")
+    from rpat.sweep import run_sweep, run_workers
+
+    listing = tmp_path / "two.yaml"
+    listing.write_text(
+        "runs:\n  - {name: a, preset: bench/cifar10/resnet18/linf/pgd_at/base}\n"
+        "  - {name: b, preset: bench/cifar10/resnet18/linf/trades/rpat}\n"
+        "overrides: [data.dataset=digits, model.arch=small_cnn, data.train_subset=64, data.batch_size=32,\n"
+        "  attack.steps=1, optim.epochs=1, eval.n_examples=10, eval.steps=1, device=cpu, seed=1]\n")
+    runs = collect_runs([str(listing)])
+    par, seq = tmp_path / "par", tmp_path / "seq"
+    par.mkdir()
+    logged: list[str] = []
+    run_workers([str(listing)], par, runs, [], 10, False,
+                {"w0": {"OMP_NUM_THREADS": "1"}, "w1": {"OMP_NUM_THREADS": "1"}}, None, logged.append)
+    assert logged[0].startswith("w0: 1 runs (a)") and logged[1].startswith("w1: 1 runs (b)")
+    assert "[a]" in (par / "_logs" / "w0.log").read_text() and "[b]" in (par / "_logs" / "w1.log").read_text()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same reduction order, so bit-equal weights
+    try:
+        run_sweep([str(listing)], seq, n_examples=10, autoattack=False, progress=False, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("a", "b"):
+        p = torch.load(par / name / "final.pt", weights_only=True)["model"]
+        s = torch.load(seq / name / "final.pt", weights_only=True)["model"]
+        assert p.keys() == s.keys() and all(torch.equal(p[k], s[k]) for k in p), name
+        assert (json.loads((par / name / "eval_final.json").read_text())["pgd"]
+                == json.loads((seq / name / "eval_final.json").read_text())["pgd"])

@@ -354,7 +354,8 @@ def run_sweep(
         todo = [r for r in runs if r.name in only]
     out.mkdir(parents=True, exist_ok=True)
     if gpus and len(gpus) > 1:
-        _spread(specs, out, todo, overrides or [], n_examples, autoattack, gpus, device, log)
+        run_workers(specs, out, todo, overrides or [], n_examples, autoattack,
+                    {f"gpu{g}": {"CUDA_VISIBLE_DEVICES": g} for g in gpus}, device, log)
     else:
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
@@ -366,14 +367,21 @@ def run_sweep(
     return write_tables(runs, out) if write_table else gather(runs, out)
 
 
-def _spread(specs: list[str], out: Path, todo: list[SweepRun], overrides: list[str], n_examples: int | None,
-            autoattack: bool, gpus: list[str], device: str | None, log: Callable[[str], None]) -> None:
-    """One ``rpat sweep --only ...`` subprocess per GPU; waits for all; raises if one failed."""
+def run_workers(specs: list[str], out: Path, todo: list[SweepRun], overrides: list[str], n_examples: int | None,
+                autoattack: bool, workers: dict[str, dict[str, str]], device: str | None,
+                log: Callable[[str], None]) -> None:
+    """Deal ``todo`` round-robin to one ``rpat sweep --only ...`` subprocess per worker; wait for all.
+
+    ``workers`` maps a worker name to the environment variables it adds (for
+    example ``{"gpu1": {"CUDA_VISIBLE_DEVICES": "1"}}`` or, for CPU workers,
+    ``{"worker0": {"OMP_NUM_THREADS": "1"}}``). Each worker logs to
+    ``out/_logs/<name>.log``. Raises ``InputError`` if one failed.
+    """
     logs = out / "_logs"
     logs.mkdir(exist_ok=True)
     procs = []
-    for k, gpu in enumerate(gpus):
-        share = [r.name for r in todo[k::len(gpus)]]
+    for k, (name, extra_env) in enumerate(workers.items()):
+        share = [r.name for r in todo[k::len(workers)]]
         if not share:
             continue
         cmd = [sys.executable, "-m", "rpat", "sweep", *specs, "--out", str(out), "--no-progress", "--no-table",
@@ -382,14 +390,14 @@ def _spread(specs: list[str], out: Path, todo: list[SweepRun], overrides: list[s
         cmd += ["--n-examples", str(n_examples)] if n_examples is not None else ["--all-test-images"]
         cmd += [] if autoattack else ["--no-autoattack"]
         cmd += ["--device", device] if device else []
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-        f = open(logs / f"gpu{gpu}.log", "a")  # noqa: SIM115 - closed after the process ends
-        procs.append((gpu, subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), f))
-        log(f"GPU {gpu}: {len(share)} runs -> {logs / f'gpu{gpu}.log'}")
+        f = open(logs / f"{name}.log", "a")  # noqa: SIM115 - closed after the process ends
+        procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra_env}, stdout=f,
+                                             stderr=subprocess.STDOUT), f))
+        log(f"{name}: {len(share)} runs ({', '.join(share)}) -> {logs / f'{name}.log'}")
     failed = []
-    for gpu, p, f in procs:
-        if p.wait() != 0:
-            failed.append(gpu)
+    for name, proc, f in procs:
+        if proc.wait() != 0:
+            failed.append(name)
         f.close()
     if failed:
-        raise InputError(f"the worker on GPU {failed[0]} failed; see {logs / f'gpu{failed[0]}.log'}")
+        raise InputError(f"worker {failed[0]} failed; see {logs / f'{failed[0]}.log'}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rpat.reports.collect import read_jsonl
 from rpat.sweep import METHOD_LABELS, collect_runs, gather, run_sweep, run_workers, to_markdown
 
 METHODS = ("pgd_at", "trades", "mart", "consistency_at")
@@ -45,11 +46,15 @@ def listing(args: argparse.Namespace) -> str:
     return "runs:\n" + runs + "overrides:\n" + "".join(f"  - '{o}'\n" for o in ov)
 
 
-def _delta_lines(rows: list[dict]) -> list[str]:
+def _pairs(rows: list[dict]) -> list[tuple[str, dict | None, dict | None]]:
+    """``(method label, base row, RPAT row)`` per method; a row is None when that run is not in the table."""
     by = {r["method"]: r for r in rows}
+    return [(METHOD_LABELS[m], by.get(METHOD_LABELS[m]), by.get(METHOD_LABELS[m] + " + RPAT")) for m in METHODS]
+
+
+def _delta_lines(rows: list[dict]) -> list[str]:
     out = ["| method | ΔClean (final) | ΔPGD-20 (final) | ΔAA (final) | ΔNRR (final) |", "|---|---|---|---|---|"]
-    for m in METHODS:
-        base, rp = by.get(METHOD_LABELS[m]), by.get(METHOD_LABELS[m] + " + RPAT")
+    for label, base, rp in _pairs(rows):
         if not base or not rp:
             continue
         cells = []
@@ -59,21 +64,19 @@ def _delta_lines(rows: list[dict]) -> list[str]:
                 continue
             d = rp[col] - base[col]
             cells.append(f"{d:+.2f}" + ("" if abs(d) > NOISE_PT else " (noise)"))
-        out.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
 
 
 def _verdict(rows: list[dict]) -> list[str]:
     """One plain sentence per method: did RPAT move AA (final) beyond the noise band, and which way."""
-    by = {r["method"]: r for r in rows}
     out = []
-    for m in METHODS:
-        base, rp = by.get(METHOD_LABELS[m]), by.get(METHOD_LABELS[m] + " + RPAT")
+    for label, base, rp in _pairs(rows):
         if not base or not rp or base["Clean (final)"] is None or rp["Clean (final)"] is None:
-            out.append(f"- {METHOD_LABELS[m]}: not finished, no comparison.")
+            out.append(f"- {label}: not finished, no comparison.")
             continue
         if base["AA (final)"] is None or rp["AA (final)"] is None:
-            out.append(f"- {METHOD_LABELS[m]}: no AutoAttack result (run with --no-autoattack?), no AA comparison.")
+            out.append(f"- {label}: no AutoAttack result (run with --no-autoattack?), no AA comparison.")
             continue
         da, dc = rp["AA (final)"] - base["AA (final)"], rp["Clean (final)"] - base["Clean (final)"]
         if abs(da) <= NOISE_PT:
@@ -82,7 +85,7 @@ def _verdict(rows: list[dict]) -> list[str]:
             word = "RPAT helped AA" if da > 0 else "RPAT hurt AA"
         if abs(dc) > NOISE_PT:
             word += "; Clean " + ("higher" if dc > 0 else "lower") + " beyond the band"
-        out.append(f"- {METHOD_LABELS[m]}: {word} ({da:+.2f} AA, {dc:+.2f} Clean, final checkpoint).")
+        out.append(f"- {label}: {word} ({da:+.2f} AA, {dc:+.2f} Clean, final checkpoint).")
     return out
 
 
@@ -90,10 +93,8 @@ def _rpat_sizes(out: Path) -> list[str]:
     """Mean training loss terms of the last epoch of each RPAT run: how large λ·R was next to the base loss."""
     lines = ["| run | last-epoch train loss | of which RPAT term R (λ = 1) |", "|---|---|---|"]
     for m in METHODS:
-        f = out / f"{m}_rpat" / "metrics.jsonl"
-        if not f.is_file():
-            continue
-        last = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()][-1]
+        recs = read_jsonl(out / f"{m}_rpat" / "metrics.jsonl")
+        last = recs[-1] if recs else {}
         if "train_rpat" in last:
             lines.append(f"| {m}_rpat | {last['train_loss']:.4f} | {last['train_rpat']:.2e} |")
     return lines
@@ -104,10 +105,10 @@ def _timings(out: Path) -> list[str]:
     for m in METHODS:
         for v in ("", "_rpat"):
             d = out / f"{m}{v}"
-            if not (d / "metrics.jsonl").is_file():
+            recs = read_jsonl(d / "metrics.jsonl")
+            if not recs:
                 continue
-            recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-            secs = sum(r["train_seconds"] for r in recs) / max(len(recs), 1)
+            secs = sum(r["train_seconds"] for r in recs) / len(recs)
             ev = []
             for w in ("best", "final"):
                 p = d / f"eval_{w}.json"

@@ -53,6 +53,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
 
     from rpat.config import build_config
     from rpat.evaluation.checkpoint_eval import evaluate_checkpoint
+    from rpat.reports.collect import read_jsonl
     from rpat.training import Trainer
 
     torch.set_num_threads(args.threads)
@@ -68,7 +69,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
     t_train = time.perf_counter() - t0
     report, info = evaluate_checkpoint(run / "final.pt", n_examples=args.n_examples, progress=False,
                                        device="cpu", seed=0)
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_jsonl(run / "metrics.jsonl")
     out = {"method": method, "seed": seed, **report.to_dict(), "info": info,
            "train_seconds": t_train, "eval_seconds": time.perf_counter() - t0 - t_train,
            "train_images_per_s": statistics.fmean(r["train_images_per_s"] for r in rows),

@@ -47,7 +47,8 @@ class RunRecord:
                 c.get("attack", {}).get("norm"), c.get("seed"))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file such as a run's ``metrics.jsonl``; ``[]`` if it does not exist."""
     if not path.is_file():
         return []
     out = []
@@ -93,7 +94,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
         config = yaml.safe_load(cfg_path.read_text()) or {}
     except yaml.YAMLError:
         raise InputError(f"{str(cfg_path)!r} is not valid YAML") from None
-    metrics = _read_jsonl(run / "metrics.jsonl")
+    metrics = read_jsonl(run / "metrics.jsonl")
     rec = RunRecord(run, label or default_label(config), config, metrics)
     for which in WHICH:
         f = _eval_file(run, which)

@@ -47,3 +47,15 @@ def git_commit(path: str | Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def progress_enabled(requested: bool = True, stream: object | None = None) -> bool:
+    """Whether to draw tqdm bars: only when asked for and the stream (stderr) is a terminal.
+
+    Redirected logs get no bars; long phases then log one line with their result instead.
+    """
+    import sys
+
+    s = sys.stderr if stream is None else stream
+    isatty = getattr(s, "isatty", None)
+    return bool(requested) and callable(isatty) and bool(isatty())

@@ -137,6 +137,10 @@ class SpeedConfig:
     channels_last: bool = False  #: NHWC memory format for the model and the batches
     compile: bool = False  #: torch.compile the training model (not the evaluation)
     sync_bn: bool = False  #: under torchrun (several processes): BatchNorm -> SyncBatchNorm
+    #: capture the whole training step (attack, loss, backward, SGD, WA, guard, loss sums) as one CUDA
+    #: graph and replay it per full batch (rpat.training.cuda_graph); true needs one CUDA GPU (no DDP,
+    #: no compile); "eager" runs the same bookkeeping without capture on any device (for tests)
+    cuda_graph: bool | str = False
 
 
 @dataclass
@@ -255,6 +259,10 @@ class Config:
         self._validate_rebat()
         if self.speed.amp not in AMP_MODES:
             raise InputError(f"unknown speed.amp {self.speed.amp!r}; valid: {', '.join(AMP_MODES)}")
+        if not (isinstance(self.speed.cuda_graph, bool) or self.speed.cuda_graph == "eager"):
+            raise InputError(f"speed.cuda_graph must be true, false or eager, got {self.speed.cuda_graph!r}")
+        if self.speed.cuda_graph and self.speed.compile:
+            raise InputError("speed.cuda_graph and speed.compile exclude each other: pick one")
         return self
 
     def _validate_rebat(self) -> None:
@@ -338,6 +346,10 @@ def _coerce(value: Any, current: Any, fld: dataclasses.Field, name: str) -> Any:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
             raise InputError(f"{name} must be a list of integers, got {value!r}")
+        return value
+    if typ == "bool | str":
+        if not isinstance(value, bool) and value != "eager":
+            raise InputError(f"{name} must be true, false or eager, got {value!r}")
         return value
     if "str | float" in typ:
         if isinstance(value, bool):

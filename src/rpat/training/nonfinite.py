@@ -65,8 +65,20 @@ class NonFiniteGuard:
                 momenta.append((buf, buf.clone()))
         self._saved = (params, buffers, momenta)
 
-    def observe(self, step: int, loss: Tensor, terms: dict[str, Tensor]) -> Tensor:
-        """After ``backward()``: the on-device flag ``ok`` (0-dim bool) for this step; no sync."""
+    def reset(self) -> None:
+        """Clear the flags in place (a guard kept across epochs, e.g. by a captured CUDA graph)."""
+        self.first_bad.fill_(-1)
+        self.n_bad.zero_()
+        self.grad_bad.zero_()
+        for v in self.term_bad.values():
+            v.zero_()
+
+    def observe(self, step: int | Tensor, loss: Tensor, terms: dict[str, Tensor]) -> Tensor:
+        """After ``backward()``: the on-device flag ``ok`` (0-dim bool) for this step; no sync.
+
+        ``step`` (0-based) may be a 0-dim long device tensor (a captured step). The flags are
+        updated in place, so a captured graph accumulates them across replays.
+        """
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
             gnorm = torch.stack(torch._foreach_norm(grads)).sum()
@@ -77,10 +89,14 @@ class NonFiniteGuard:
         newly = (self.first_bad < 0) & ~ok
         for k, v in terms.items():
             bad_k = newly & ~torch.isfinite(v)
-            self.term_bad[k] = self.term_bad[k] | bad_k if k in self.term_bad else bad_k
-        self.grad_bad = self.grad_bad | (newly & ~grad_ok)
-        self.first_bad = torch.where(newly, torch.full_like(self.first_bad, step), self.first_bad)
-        self.n_bad = self.n_bad + (~ok).long()
+            if k in self.term_bad:
+                self.term_bad[k] |= bad_k
+            else:
+                self.term_bad[k] = bad_k.clone()
+        self.grad_bad |= newly & ~grad_ok
+        step_t = step if isinstance(step, Tensor) else torch.full_like(self.first_bad, step)
+        self.first_bad.copy_(torch.where(newly, step_t, self.first_bad))
+        self.n_bad += (~ok).long()
         return ok
 
     def restore_if_bad(self, ok: Tensor) -> None:

@@ -46,6 +46,7 @@ from ..models import create_model
 from ..objectives import RPATTerm, build_objective
 from ..utils import derived_seed, git_commit, make_generator, resolve_device
 from .averaging import WeightAverage
+from .cuda_graph import GraphTrainStep, phase_key
 from .distributed import (
     all_reduce_sum,
     context_from_env,
@@ -220,6 +221,7 @@ class Trainer:
                                    self.device, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size,
                                    augment=cfg.data.augment, padding=self.data.padding,
                                    flip=self.data.flip, seed=cfg.seed, views=self.objective.method.views)
+        self.graph_step = self._graph_step()
         held = self.data.held_out
         self.eval_x = held.images.float().div_(255)
         self.eval_y = held.labels
@@ -239,6 +241,17 @@ class Trainer:
             self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}")
         elif self.is_main:
             self._write_run_files()
+
+    def _graph_step(self) -> GraphTrainStep | None:
+        """The captured step of ``speed.cuda_graph`` (None when off; refused under DDP)."""
+        mode = self.cfg.speed.cuda_graph
+        if not mode:
+            return None
+        if self.dist.active:
+            raise InputError("speed.cuda_graph is not supported under torchrun (DDP) yet; set it to false")
+        return GraphTrainStep(cfg=self.cfg, model=self.model, step_model=self.step_model, objective=self.objective,
+                              optimizer=self.optimizer, averager=self.averager, device=self.device,
+                              capture=mode is True)
 
     # ---- bookkeeping -----------------------------------------------------------------
     def _write_run_files(self) -> None:
@@ -317,36 +330,45 @@ class Trainer:
         n_steps = len(self.loader)
         sums: dict[str, torch.Tensor] = {}
         seen = 0
-        guard = NonFiniteGuard(model, opt, self.cfg.nonfinite, self.device)
-        n_good = torch.zeros((), device=self.device)  # images of non-skipped steps (nonfinite=skip)
+        graph = self.graph_step  # speed.cuda_graph: the same step captured (rpat.training.cuda_graph)
+        if graph is not None:
+            graph.start_epoch(epoch, derived_seed(self.cfg.seed, epoch, 1, *rank),
+                              [self.lr(epoch, s / n_steps) for s in range(n_steps)])
+            key = phase_key(self.cfg, epoch)
+        guard = graph.guard if graph is not None else NonFiniteGuard(model, opt, self.cfg.nonfinite, self.device)
+        n_good = graph.n_good if graph is not None else torch.zeros((), device=self.device)  # nonfinite=skip
         torch.manual_seed(derived_seed(self.cfg.seed, epoch, 3))  # any global-RNG use is per-epoch seeded too
         t0 = time.perf_counter()
         bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", unit="batch",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(self.loader):
             lr = self.lr(epoch, step / n_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            guard.snapshot()
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):  # fp32 master weights
-                loss, terms = self.objective.step(self.step_model, x, y, epoch, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            ok = guard.observe(step, loss, terms)  # on-device flag, no sync
-            opt.step()
-            guard.restore_if_bad(ok)  # nonfinite=skip: undo a bad step (torch.where, no sync)
-            if self.averager is not None:
-                self.averager.update(model, epoch)
-            b = y.shape[0]
-            for k, v in terms.items():
+            if graph is not None:
+                graph.step(x, y, step, lr, key)
+                sums, b = graph.sums_now(), y.shape[0]
+            else:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                guard.snapshot()
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):  # fp32 master weights
+                    loss, terms = self.objective.step(self.step_model, x, y, epoch, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                ok = guard.observe(step, loss, terms)  # on-device flag, no sync
+                opt.step()
+                guard.restore_if_bad(ok)  # nonfinite=skip: undo a bad step (torch.where, no sync)
+                if self.averager is not None:
+                    self.averager.update(model, epoch)
+                b = y.shape[0]
+                for k, v in terms.items():
+                    if guard.skip:
+                        v = torch.where(ok, v, torch.zeros_like(v))
+                    sums[k] = sums[k] + v * b if k in sums else v * b
                 if guard.skip:
-                    v = torch.where(ok, v, torch.zeros_like(v))
-                sums[k] = sums[k] + v * b if k in sums else v * b
+                    n_good = n_good + ok * b
             seen += b
-            if guard.skip:
-                n_good = n_good + ok * b
             bar.update(1)
             at_interval = (step + 1) % self.cfg.log_interval == 0 or step + 1 == n_steps
             if at_interval:

@@ -136,7 +136,7 @@ def test_stand_in_gives_exactly_the_eager_trainers_weights(tmp_path, extra):
     """88 images, batch 16: five full batches (warm-up, capture, replays) and a partial one per epoch."""
     extra = dict(extra)
     method = extra.pop("method", {"name": "pgd_at"})["name"]
-    eager = _fit(_cfg(False, method=method, **extra), tmp_path / "eager")
+    _fit(_cfg(False, method=method, **extra), tmp_path / "eager")
     graph = _fit(_cfg("eager", method=method, **extra), tmp_path / "graph")
     for f in ("last.pt", "final.pt", "best.pt"):
         a, b = load_checkpoint(tmp_path / "eager" / f), load_checkpoint(tmp_path / "graph" / f)
@@ -177,7 +177,8 @@ def test_stand_in_resumed_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_stand_in_copies_batches_into_static_buffers_and_keeps_them(tmp_path):
-    t = Trainer(_cfg("eager", epochs=2, optim={"schedule": "cosine"}), tmp_path / "r", data=_data(), progress=False, log=lambda m: None)
+    cfg = _cfg("eager", epochs=2, optim={"schedule": "cosine"})
+    t = Trainer(cfg, tmp_path / "r", data=_data(), progress=False, log=lambda m: None)
     gs = t.graph_step
     t.train_epoch(0)
     x_ptr, lr_ptr = gs.x.data_ptr(), gs.lr.data_ptr()

@@ -155,6 +155,15 @@ def test_parse_gpus():
             parse_gpus(bad)
 
 
+def test_a_gpu_listed_twice_runs_two_workers():
+    from rpat.sweep import gpu_workers, parse_gpus
+
+    w = gpu_workers(parse_gpus("0,0,1,1"))
+    assert list(w) == ["gpu0", "gpu0-2", "gpu1", "gpu1-2"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in w.values()] == ["0", "0", "1", "1"]
+    assert list(gpu_workers(["2", "0"])) == ["gpu2", "gpu0"]
+
+
 def test_run_workers_deals_runs_and_matches_a_sequential_sweep(tmp_path):
     """Two CPU worker processes (``run_workers``, as ``--gpus`` uses) give the same weights as one process."""
     pytest.importorskip("sklearn")

@@ -145,7 +145,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-examples", type=int, default=1000, help="test images per evaluation (default 1000)")
     p.add_argument("--all-test-images", action="store_true", help="evaluate on the whole test set")
     p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (AA/Mean/NRR left empty)")
-    p.add_argument("--gpus", help="spread runs over these GPUs, one process each: 0,1,2 or all")
+    p.add_argument("--gpus", help="spread runs over these GPUs, one process each: 0,1,2 or all; "
+                   "a GPU listed twice runs two processes on it: 0,0,1,1")
     p.add_argument("--device", help="evaluation device (default: each run's config)")
     p.add_argument("--only", help="comma-separated run names: run only these (the table lists all)")
     p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)

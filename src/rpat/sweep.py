@@ -309,7 +309,11 @@ def write_tables(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
 
 # ---- the whole sweep -----------------------------------------------------------------
 def parse_gpus(text: str | None) -> list[str]:
-    """``"0,1,3"`` -> ``["0", "1", "3"]``; ``"all"`` -> every visible CUDA device."""
+    """``"0,1,3"`` -> ``["0", "1", "3"]``; ``"all"`` -> every visible CUDA device.
+
+    A GPU may be listed several times (``"0,0,1,1"``): it then runs that many worker
+    processes at once (small models leave a large GPU idle with one process).
+    """
     if not text:
         return []
     if text == "all":
@@ -320,6 +324,16 @@ def parse_gpus(text: str | None) -> list[str]:
     if not ids or not all(t.isdigit() for t in ids):
         raise InputError(f"--gpus must be a comma-separated list of GPU indices such as 0,1 (or all), got {text!r}")
     return ids
+
+
+def gpu_workers(gpus: list[str]) -> dict[str, dict[str, str]]:
+    """One worker per entry of ``gpus`` for ``run_workers``: ``["0", "0", "1"]`` ->
+    ``{"gpu0": {...: "0"}, "gpu0-2": {...: "0"}, "gpu1": {...: "1"}}`` (CUDA_VISIBLE_DEVICES)."""
+    workers: dict[str, dict[str, str]] = {}
+    for g in gpus:
+        n = sum(1 for env in workers.values() if env["CUDA_VISIBLE_DEVICES"] == g)
+        workers[f"gpu{g}" if n == 0 else f"gpu{g}-{n + 1}"] = {"CUDA_VISIBLE_DEVICES": g}
+    return workers
 
 
 def run_sweep(
@@ -339,8 +353,9 @@ def run_sweep(
     """Run a whole sweep (see the module docstring); returns the table rows.
 
     With two or more ``gpus`` the runs are dealt round-robin to one worker
-    process per GPU (``CUDA_VISIBLE_DEVICES`` set to that GPU), each running its
-    share one after another; logs go to ``out/_logs/gpu<i>.log``.
+    process per entry (``CUDA_VISIBLE_DEVICES`` set to that GPU; a GPU listed
+    twice gets two processes), each running its share one after another; logs
+    go to ``out/_logs/gpu<i>.log`` (``gpu<i>-2.log`` for a second process on GPU i).
     """
     if n_examples is not None and n_examples < 1:
         raise InputError(f"--n-examples must be >= 1, got {n_examples}")
@@ -355,7 +370,7 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     if gpus and len(gpus) > 1:
         run_workers(specs, out, todo, overrides or [], n_examples, autoattack,
-                    {f"gpu{g}": {"CUDA_VISIBLE_DEVICES": g} for g in gpus}, device, log)
+                    gpu_workers(gpus), device, log)
     else:
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]

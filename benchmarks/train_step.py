@@ -9,16 +9,20 @@ One step = PGD-10 attack (ℓ∞ 8/255, step 2/255) + PGD-AT loss (+ RPAT by def
 - ``reference``: the step the way the authors' release builds it
   (``benchmarks/reference_step.py``: ``loss.backward()`` in the attack,
   separate fp32 forwards, ``.item()`` each batch);
-- ``rpat+cl``, ``rpat+bf16``, ``rpat+compile`` (and combinations such as
-  ``rpat+cl+bf16``): the project's step with channels_last memory format,
-  bf16 autocast (fp32 master weights), or ``torch.compile`` on the model.
+- ``rpat+cl``, ``rpat+bf16``, ``rpat+compile``, ``rpat+graph`` (and combinations
+  such as ``rpat+cl+bf16+graph``): the project's step with channels_last memory
+  format, bf16 autocast (fp32 master weights), ``torch.compile`` on the model, or
+  the whole step captured once as a CUDA graph and replayed (``speed.cuda_graph``,
+  ``rpat.training.cuda_graph``; on the CPU the eager stand-in runs the same step).
 
 Repetitions are interleaved (each repetition runs every variant once, in a
 rotating order) so that load from other jobs on a shared machine hits all
 variants alike; the report gives medians, the min-max spread, the ratio of the
 medians against ``reference`` and the spread of the per-repetition ratios.
 Before timing, the ``rpat`` and ``reference`` steps are checked to give the
-same losses (to 1e-5) from the same weights, inputs and attack start.
+same losses (to 1e-5) from the same weights, inputs and attack start; on CUDA
+this check runs in strict fp32 (TF32 convolutions and matmuls off for the check
+only: with TF32 the two steps differ by ~7e-4), the timing with torch's defaults.
 
 Examples::
 
@@ -51,7 +55,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,9 +73,10 @@ from rpat.attacks.threat import ThreatModel, default_threat  # noqa: E402
 from rpat.errors import InputError  # noqa: E402
 from rpat.models import create_model  # noqa: E402
 from rpat.objectives import RPATTerm, build_objective  # noqa: E402
+from rpat.training.cuda_graph import CapturedStep, sgd_update_  # noqa: E402
 from rpat.utils import resolve_device  # noqa: E402
 
-OPTIONS = ("cl", "bf16", "compile")
+OPTIONS = ("cl", "bf16", "compile", "graph")
 
 #: Dense peak TFLOP/s of known GPUs, by a substring of the device name: (bf16, tf32).
 #: fp32 convolutions use TF32 tensor cores by default in PyTorch (cudnn.allow_tf32).
@@ -114,6 +120,8 @@ def parse_variant(name: str) -> tuple[str, frozenset[str]]:
     bad = [o for o in opts if o not in OPTIONS]
     if bad or (base == "reference" and opts):
         raise InputError(f"unknown variant {name!r}; options (rpat only): {', '.join(OPTIONS)}")
+    if {"graph", "compile"} <= set(opts):
+        raise InputError(f"variant {name!r}: graph and compile exclude each other")
     return base, frozenset(opts)
 
 
@@ -164,6 +172,8 @@ def make_step(problem: Problem, variant: str) -> Callable[[], object]:
     objective = build_objective("pgd_at", problem.threat, problem.rpat)
     net = torch.compile(model) if "compile" in opts else model
     amp = "bf16" in opts
+    if "graph" in opts:
+        return _graph_step(objective, net, opt, x, y, gen, amp)
 
     def step() -> torch.Tensor:  # exactly the trainer's inner loop
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -176,12 +186,60 @@ def make_step(problem: Problem, variant: str) -> Callable[[], object]:
     return step
 
 
+def _graph_step(objective, net: torch.nn.Module, opt: torch.optim.SGD, x: torch.Tensor, y: torch.Tensor,
+                gen: torch.Generator, amp: bool) -> Callable[[], object]:
+    """The ``rpat`` step captured as a CUDA graph (the trainer's ``speed.cuda_graph``); warmed up and
+    captured here, so the returned closure only replays. The batch is fixed, so x, y are the static buffers."""
+    dev = x.device
+    lr = torch.full((), 0.01, device=dev)
+    loss_out = torch.zeros((), device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            loss, _ = objective.step(net, x, y, epoch=0, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sgd_update_(opt, lr)
+        loss_out.copy_(loss.detach())
+
+    captured = CapturedStep(step, capture=dev.type == "cuda", warmup=3,
+                            generators=[gen] if dev.type == "cuda" else [])
+    for _ in range(captured.warmup + 1):
+        captured.run(0)
+
+    def replay() -> torch.Tensor:
+        captured.run(0)
+        return loss_out
+
+    return replay
+
+
+@contextmanager
+def strict_fp32(device: torch.device) -> Iterator[None]:
+    """TF32 off for CUDA convolutions and matrix products inside the block (no-op on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def check_same_losses(problem: Problem, tol: float = 1e-5) -> dict[str, float]:
     """Run one ``rpat`` and one ``reference`` step from identical weights, batch and attack start.
 
     Returns the absolute differences of each loss term and of the updated
     parameters (max over all entries); raises AssertionError above ``tol``.
+    On CUDA both steps run in strict fp32 (TF32 off) for the check.
     """
+    with strict_fp32(problem.device):
+        return _check_same_losses(problem, tol)
+
+
+def _check_same_losses(problem: Problem, tol: float) -> dict[str, float]:
     m1, m2 = problem.model(), problem.model()
     o1 = torch.optim.SGD(m1.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     o2 = torch.optim.SGD(m2.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -320,7 +378,8 @@ def run_benchmark(
             row.update(memory_probe(problem_args, v))
             row["peak_memory_kind"] = "fresh process ru_maxrss (one step)"
         results.append(row)
-    return {"loss_check": check, "results": results}
+    return {"loss_check": check, "loss_check_precision": "strict fp32 (TF32 off)" if dev.type == "cuda" else "fp32",
+            "results": results}
 
 
 def _problem_from_args(a: dict) -> Problem:
@@ -340,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rpat", action="store_true", help="plain PGD-AT (default: PGD-AT + RPAT)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--variants", default="rpat,reference",
-                   help="comma-separated: rpat, reference, rpat+cl, rpat+bf16, rpat+compile, ... "
+                   help="comma-separated: rpat, reference, rpat+cl, rpat+bf16, rpat+compile, rpat+graph, ... "
                         "(default rpat,reference)")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
     p.add_argument("--steps-per-rep", type=int, default=1, help="timed steps per variant per repetition")
@@ -390,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
            "date": time.strftime("%Y-%m-%d %H:%M"), **report}
     if report["loss_check"]:
         worst = max(v for k, v in report["loss_check"].items() if k.startswith("abs_diff_"))
-        print(f"loss check: rpat and reference agree to {worst:.1e} (tolerance 1e-5)")
+        strict = " in strict fp32 (TF32 off)" if dev.type == "cuda" else ""
+        print(f"loss check: rpat and reference agree to {worst:.1e}{strict} (tolerance 1e-5)")
     print(f"{args.arch} bs={args.batch_size} {out['objective']} {out['attack']} on {dev} "
           f"({torch.get_num_threads()} threads), {args.reps} interleaved reps, median [min-max]:")
     for r in report["results"]:

@@ -105,3 +105,19 @@ def test_cli_writes_json_and_rejects_bad_variants(tmp_path, capsys):
     assert "unknown variant" in capsys.readouterr().err
     with pytest.raises(InputError):
         bench.parse_variant("reference+bf16")
+
+
+def test_graph_variant_runs_the_same_step_as_rpat():
+    """On the CPU ``rpat+graph`` is the eager stand-in of the captured step: same weights as ``rpat``."""
+    torch.set_num_threads(1)
+    p = _problem()
+    plain, graph = bench.make_step(p, "rpat"), bench.make_step(p, "rpat+graph")  # graph: 4 steps done (warm-up)
+    for _ in range(4):
+        plain()
+    for _ in range(2):
+        a, b = plain(), graph()
+        assert torch.equal(a.detach(), b)
+    with pytest.raises(InputError, match="exclude"):
+        bench.parse_variant("rpat+graph+compile")
+    rep = bench.run_benchmark(p, ["rpat", "rpat+graph"], reps=1, warmup=0, memory=False, log=lambda m: None)
+    assert [r["variant"] for r in rep["results"]] == ["rpat", "rpat+graph"]

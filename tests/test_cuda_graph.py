@@ -216,7 +216,7 @@ def strict_fp32():
 def test_gpu_captured_step_equals_eager(tmp_path, case, strict_fp32):
     """fp32, TF32 off: the captured run's weights and losses equal the eager run's (to 1e-6)."""
     method, extra = GPU_CASES[case]
-    data = _data(n_train=160, chans=3, size=16)
+    data = _data(n_train=168, chans=3, size=16)  # 10 full batches of 16 and a partial one
     runs = {}
     for mode in (False, True):
         cfg = _cfg(mode, device="cuda", epochs=2, method=method, **extra)
@@ -241,7 +241,7 @@ def test_gpu_captured_step_equals_eager(tmp_path, case, strict_fp32):
 
 @needs_cuda
 def test_gpu_captured_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    data = _data(n_train=160, chans=3, size=16)
+    data = _data(n_train=168, chans=3, size=16)  # 10 full batches of 16 and a partial one
     cfg = _cfg(True, device="cuda", epochs=3, rpat={"enabled": True, "start_epoch": 1})
     Trainer(cfg, tmp_path / "a", data=data, progress=False, log=lambda m: None).fit()
     t = Trainer(cfg, tmp_path / "b", data=data, progress=False, log=lambda m: None)

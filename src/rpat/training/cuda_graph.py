@@ -140,6 +140,7 @@ class CapturedStep:
         self.key: Hashable | None = None
         self.graph: Any = None
         self._warm = 0
+        self._side: Any = None
         self.n_eager = self.n_captures = self.n_replays = 0
         self.capture_keys: list[Hashable] = []
 
@@ -173,7 +174,9 @@ class CapturedStep:
         if not self.capture:
             self.fn()
             return
-        side = torch.cuda.Stream()
+        if self._side is None:
+            self._side = torch.cuda.Stream()
+        side = self._side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.fn()

@@ -242,7 +242,8 @@ def test_gpu_captured_step_equals_eager(tmp_path, case, strict_fp32):
 
 @needs_cuda
 def test_gpu_eager_trainer_and_stand_in_agree(tmp_path, strict_fp32):
-    """The eager trainer (torch.optim.SGD) and the stand-in (sgd_update_) on CUDA: a short run, to 1e-5."""
+    """The eager trainer (torch.optim.SGD) and the stand-in (sgd_update_) on CUDA, a short run. Loose
+    tolerance: a last-bit difference of the update could flip a PGD sign later; a wrong lr would not pass."""
     data = _data(n_train=168, chans=3, size=16)
     for mode in (False, "eager"):
         Trainer(_cfg(mode, device="cuda", epochs=1, rpat={"enabled": True}), tmp_path / str(mode), data=data,
@@ -250,7 +251,7 @@ def test_gpu_eager_trainer_and_stand_in_agree(tmp_path, strict_fp32):
     a, b = load_checkpoint(tmp_path / "False" / "final.pt"), load_checkpoint(tmp_path / "eager" / "final.pt")
     for k in a["model"]:
         if a["model"][k].is_floating_point():
-            torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-4)
 
 
 @needs_cuda

@@ -34,6 +34,9 @@ Examples::
         --variants rpat,reference,rpat+cl,rpat+bf16,rpat+compile
     # on a GPU: bf16 and channels_last, MFU against the card's peak
     python benchmarks/train_step.py --device cuda --batch-size 128 --variants rpat,reference,rpat+cl+bf16
+    # the captured step (speed.cuda_graph) against the eager one and the release-style step
+    python benchmarks/train_step.py --device cuda --batch-size 128 \
+        --variants reference,rpat+cl+bf16,rpat+cl+bf16+graph
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` per variant; on the CPU,
 each variant runs one step in a fresh subprocess and the report gives that

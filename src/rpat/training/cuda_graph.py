@@ -37,6 +37,11 @@ tensors), then the step is captured and replayed; the **last partial batch** of 
 (when the batch size does not divide the training set) runs eagerly through the same
 step function, so no image is dropped and the result equals the eager trainer's.
 
+Not captured: the held-out PGD-20 evaluation (1,000 images at batch 500 per epoch, far less
+launch-bound than the training step at batch 128; ``tools/gpu_check.py`` reports its share of
+the epoch as epoch wall time minus ``train_loop_s``), the data loader, and under DDP nothing
+(refused: the all-reduce hooks have not been shown capture-safe here).
+
 The CPU has no graphs: ``speed.cuda_graph=eager`` runs this module's bookkeeping (static
 buffers, lr tensor, phase keys and their re-capture points, in-place sums and guard)
 with the "capture" replaced by running the same step function eagerly, which is what

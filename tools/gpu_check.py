@@ -22,6 +22,11 @@ Parts (``--parts``, default all three, in this order; each writes its JSON as so
     PGD-20 evaluation included) goes into the arch's benchmark JSON as
     ``trainer_images_per_s``, with the training loop alone as ``trainer_train_images_per_s``.
 
+``multi`` (opt-in: ``--parts multi``, about 2 minutes)
+    What ``rpat sweep --gpus 0,0`` pays once steps are captured: ``--procs`` (default 2)
+    ``rpat train`` processes at once on the one GPU, 1 epoch each of the same captured
+    ResNet-18 setting; their training-loop img/s summed, against one process alone.
+
 Everything lands in ``--out`` (``gpu_check.json`` sums it up: device, torch, commit, each
 part's result and seconds). Exit status 0 when every part passed.
 
@@ -197,10 +202,55 @@ def part_train(out: Path, tiny: bool, args: argparse.Namespace) -> dict[str, Any
     return res
 
 
+def part_multi(out: Path, tiny: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """1 process alone, then ``args.procs`` at once, each ``rpat train`` for 1 epoch with the graph on."""
+    from rpat.config import build_config
+    from rpat.training import prepare_data
+
+    t_all = time.perf_counter()
+    res: dict[str, Any] = {"ok": True}
+    with tempfile.TemporaryDirectory(prefix="rpat-gpu-multi-") as tmpd:
+        tmp = Path(tmpd)
+        root = _data_root(args, tmp / "data")
+        sets = ["data.dataset=imagefolder", f"data.root={root}", "speed.amp=bf16", "speed.channels_last=true",
+                "optim.epochs=1", "eval.n_examples=100"]
+        if tiny:
+            sets += ["data.train_subset=64", "data.batch_size=16", "eval.n_examples=16", "eval.steps=2",
+                     "attack.steps=1", "device=cpu", "model.arch=small_cnn", "speed.cuda_graph=eager"]
+        else:
+            sets += ["speed.cuda_graph=true"]
+        prepare_data(build_config("cifar10_benchmark_rpat", None, sets), progress=False)  # decode once, cached
+        for n in (1, args.procs):
+            procs = []
+            for k in range(n):
+                cmd = [sys.executable, "-m", "rpat", "train", "--preset", "cifar10_benchmark_rpat",
+                       "--run-dir", str(tmp / f"p{n}_{k}"), "--no-progress", *sets]
+                log = open(out / f"multi_{n}_{k}.log", "w")  # noqa: SIM115 - closed below
+                procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT), log))
+            rates = []
+            for k, (proc, log) in enumerate(procs):
+                rc = proc.wait(timeout=300)
+                log.close()
+                metrics = tmp / f"p{n}_{k}" / "metrics.jsonl"
+                if rc != 0 or not metrics.is_file():
+                    res["ok"] = False
+                    continue
+                rates.append(json.loads(metrics.read_text().splitlines()[-1])["train_images_per_s"])
+            res[f"{n}_procs"] = {"train_images_per_s_each": [round(r, 1) for r in rates],
+                                 "train_images_per_s_sum": round(sum(rates), 1)}
+    one = res.get("1_procs", {}).get("train_images_per_s_sum")
+    many = res.get(f"{args.procs}_procs", {}).get("train_images_per_s_sum")
+    if one and many:
+        res["gain"] = round(many / one, 2)
+    res["seconds"] = round(time.perf_counter() - t_all, 1)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the JSON results and logs")
-    p.add_argument("--parts", default="tests,bench,train", help="comma-separated: tests, bench, train")
+    p.add_argument("--parts", default="tests,bench,train", help="comma-separated: tests, bench, train, multi")
+    p.add_argument("--procs", type=int, default=2, help="multi: training processes at once on the GPU")
     p.add_argument("--cpu-tiny", action="store_true", help="the same code path on the CPU in seconds (CI)")
     p.add_argument("--suite", action="store_true", help="tests: the whole suite, not only test_cuda_graph.py")
     p.add_argument("--archive", default=str(ROOT / ".gpu" / "cifar10-jpeg.tar.gz"),
@@ -232,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             r = part_bench(out, tiny)
         elif part == "train":
             r = part_train(out, tiny, args)
+        elif part == "multi":
+            r = part_multi(out, tiny, args)
         else:
             print(f"gpu_check: unknown part {part!r}", file=sys.stderr)
             return 2

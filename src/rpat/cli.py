@@ -164,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adversarial training with Robust Perception (RPAT, ICCV 2025): train, "
         "evaluate (Clean, PGD-20, AutoAttack, Mean, NRR) and compare robust image classifiers. "
         "Images are in [0,1]; eps is in pixel units and may be written 8/255.",
+        epilog="threads: rpat sets OMP_WAIT_POLICY=PASSIVE unless set, so that it shares busy cores fairly; "
+        "--threads N (or OMP_NUM_THREADS=N) caps the CPU threads torch uses.",
     )
     parser.add_argument("--version", action="version", version=f"rpat {__version__}")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (torch.set_num_threads; default: torch's, one per core)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_eval(sub)
@@ -217,14 +221,20 @@ def _train(args: argparse.Namespace) -> int:
         cleanup()
         if not trainer.is_main:
             return 0
-    print(f"done: best held-out PGD {summary['best_held_out_pgd']:.2f} at epoch {summary['best_epoch']}; "
-          f"checkpoints in {run_dir}")
+    hint = "" if summary["held_out"].startswith("validation") else "; data.val_size=N selects on a validation split"
+    print(f"done: best.pt = epoch {summary['best_epoch']}, held-out PGD {summary['best_held_out_pgd']:.2f} "
+          f"(selected on the {summary['held_out']}{hint}); checkpoints in {run_dir}")
     if args.eval:
         from .evaluation.checkpoint_eval import evaluate_checkpoint
         from .evaluation.robustness import format_table
 
         rows = []
         for which in ("best", "final"):
+            done = run_dir / f"eval_{which}.json"
+            if summary["already_finished"] and done.is_file():  # a finished run is not evaluated again
+                print(f"{done} exists (run already finished): shown as it is")
+                rows.append((which, json.loads(done.read_text())))
+                continue
             report, info = evaluate_checkpoint(run_dir / f"{which}.pt", n_examples=args.n_examples,
                                                device=trainer.cfg.device, progress=progress)
             (run_dir / f"eval_{which}.json").write_text(
@@ -304,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"rpat: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     handlers = {"train": _train, "eval": _eval, "demo": _demo, "list": _list, "sweep": _sweep}
     from .analysis.cli import HANDLERS as _analysis_handlers
 

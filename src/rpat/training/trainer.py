@@ -44,7 +44,7 @@ from ..errors import InputError
 from ..evaluation.robustness import accuracy, pgd_accuracy
 from ..models import create_model
 from ..objectives import RPATTerm, build_objective
-from ..utils import derived_seed, git_commit, make_generator, resolve_device
+from ..utils import derived_seed, git_commit, make_generator, progress_enabled, resolve_device
 from .averaging import WeightAverage
 from .distributed import (
     all_reduce_sum,
@@ -172,7 +172,7 @@ class Trainer:
             raise InputError(f"cfg must be an rpat Config (see rpat.config.build_config), got {type(cfg).__name__}")
         cfg = cfg.validate()
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.progress = progress_enabled(progress)  # bars only on a terminal; the log has one line per epoch
         self.log = log
         self._critical = False  # inside the epoch-boundary writes: signals wait until they are done
         self._pending_signal: int | None = None
@@ -187,7 +187,11 @@ class Trainer:
             cfg = config_from_dict(ckpt["config"]).validate()  # a resumed run keeps its own config
         self.cfg = cfg
         self.dist, self.device = setup(resolve_device(cfg.device))  # one process unless launched by torchrun
-        self.data = data if data is not None else prepare_data(cfg, progress=progress)
+        t_data = time.perf_counter()
+        self.data = data if data is not None else prepare_data(cfg, progress=self.progress)
+        if data is None and time.perf_counter() - t_data > 2.0:
+            self.log(f"data: {len(self.data.train)} training images, held-out {self._held_out_label()} "
+                     f"({time.perf_counter() - t_data:.0f} s)")
 
         torch.manual_seed(derived_seed(cfg.seed, 0))
         self.model_kwargs = {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
@@ -226,6 +230,7 @@ class Trainer:
 
         self.start_epoch = 0
         self.best = {"pgd": -1.0, "epoch": -1}
+        self.finished = False  #: resumed a run that had already finished: fit() changes nothing
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -235,8 +240,14 @@ class Trainer:
                 self.averager.load_state_dict(ckpt["averaged"])
             self.start_epoch = int(ckpt["epoch"])
             self.best = dict(ckpt["best"])
-            self._truncate_metrics(self.start_epoch)
-            self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}")
+            # a finished run (every epoch done, final.pt written) is left exactly as it is
+            self.finished = self.start_epoch >= cfg.optim.epochs and (self.run_dir / "final.pt").is_file()
+            if self.finished:
+                self.log(f"{self.run_dir} is already finished ({cfg.optim.epochs}/{cfg.optim.epochs} epochs, "
+                         "final.pt written); nothing to resume, no file changed")
+            else:
+                self._truncate_metrics(self.start_epoch)
+                self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}")
         elif self.is_main:
             self._write_run_files()
 
@@ -257,6 +268,12 @@ class Trainer:
                 "train_images": len(self.data.train), "held_out_images": len(self.data.held_out),
                 "selection": self._selection(), "evaluated_model": self._evaluated_model()}
         (self.run_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _held_out_label(self) -> str:
+        """Where the held-out numbers (and the choice of best.pt) come from, for log lines and tables."""
+        n = len(self.data.held_out)
+        return f"validation split ({n} training images)" if self.data.selection == "validation" \
+            else f"first {n} test images"
 
     def _selection(self) -> str:
         d = self.cfg.data
@@ -383,9 +400,10 @@ class Trainer:
         """
         bs = self.cfg.eval.batch_size
         model = self.eval_model if model is None else model
-        clean = accuracy(model, self.eval_x, self.eval_y, batch_size=bs, device=self.device)
+        clean = accuracy(model, self.eval_x, self.eval_y, batch_size=bs, device=self.device,
+                         progress=self.progress)
         robust = pgd_accuracy(model, self.eval_x, self.eval_y, self.eval_threat, batch_size=bs,
-                              device=self.device, seed=derived_seed(self.cfg.seed, 2))
+                              device=self.device, seed=derived_seed(self.cfg.seed, 2), progress=self.progress)
         return {"clean": clean, "pgd": robust}
 
     # ---- stopping safely --------------------------------------------------------------
@@ -443,6 +461,8 @@ class Trainer:
         never saved.
         """
         self._epoch = self.start_epoch
+        if self.finished:
+            return self._summary()
         with self._stop_on_signals():
             try:
                 return self._fit()
@@ -488,8 +508,10 @@ class Trainer:
             if not self._weights_finite():
                 raise NonFiniteLossError(f"the weights became non-finite in epoch {epoch + 1}; nothing saved "
                                          "(last.pt keeps the last finished epoch)")
+            t_eval = time.perf_counter()
             ev = self.evaluate_held_out()
             online = self.evaluate_held_out(self.model) if self.averager is not None else None
+            t_eval = time.perf_counter() - t_eval
             improved = ev["pgd"] > self.best["pgd"]
             self._critical = True  # the epoch-boundary writes below finish before a signal is acted on
             if improved:
@@ -511,13 +533,19 @@ class Trainer:
             terms = " ".join(f"{k}={v:.4f}" for k, v in train_stats.items()
                              if k not in ("seconds", "images_per_s", "lr", "skipped_steps"))
             self.log(f"epoch {done}/{cfg.optim.epochs} lr={train_stats['lr']:.4g} {terms} "
-                     f"| {'WA ' if online is not None else ''}held-out clean {ev['clean']:.2f} "
-                     f"PGD-{self.eval_threat.steps} {ev['pgd']:.2f}"
-                     f"{' *best*' if improved else ''} | {train_stats['images_per_s']:.0f} img/s")
+                     f"| {'WA ' if online is not None else ''}held-out ({self._held_out_label()}) "
+                     f"clean {ev['clean']:.2f} PGD-{self.eval_threat.steps} {ev['pgd']:.2f}"
+                     f"{' *best so far*' if improved else ''} | {train_stats['images_per_s']:.0f} img/s, "
+                     f"{train_stats['seconds']:.0f} s + held-out eval {t_eval:.0f} s")
         self._save(self._eval_weights(cfg.optim.epochs), self.run_dir / "final.pt")
+        return self._summary()
+
+    def _summary(self) -> dict[str, Any]:
+        cfg = self.cfg
         return {"run_dir": str(self.run_dir), "best_epoch": self.best["epoch"] + 1,
                 "best_held_out_pgd": self.best["pgd"], "epochs": cfg.optim.epochs,
-                "selection": self._selection(), "evaluated_model": self._evaluated_model()}
+                "selection": self._selection(), "evaluated_model": self._evaluated_model(),
+                "held_out": self._held_out_label(), "already_finished": self.finished}
 
 
 def train(cfg: Config, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:

@@ -284,8 +284,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+METHOD_NOTE = ("each with or without RPAT (--rpat / rpat.enabled=true); ReBAT and RPAT++ are not base "
+               "methods but a weight-averaged teacher term on top of one (rebat.enabled=true, averaging.enabled=true): "
+               "presets cifar10_rebat, cifar10_rpatpp")
+
+
 def _list(args: argparse.Namespace) -> int:
-    from .config import list_presets
+    from .config import list_presets, preset_description
     from .data import DATASETS
     from .models import PROXIES, list_models
     from .objectives import list_methods
@@ -293,8 +298,16 @@ def _list(args: argparse.Namespace) -> int:
     lists = {"models": list_models(), "datasets": sorted(DATASETS), "methods": list_methods(),
              "presets": [*list_presets(), _grid_pattern()], "proxies": list(PROXIES)}
     for name, items in lists.items():
-        if args.what in ("all", name):
-            print(f"{name}: {', '.join(items)}" if args.what == "all" else "\n".join(items))
+        if args.what == "all":
+            print(f"{name}: {', '.join(items)}" + (f"\n  ({METHOD_NOTE})" if name == "methods" else ""))
+        elif args.what == name == "presets":
+            width = max(len(p) for p in items[:-1])
+            print("\n".join(f"{p:<{width}}  {preset_description(p)}" for p in items[:-1]))
+            print(f"{items[-1]}\n  the paper's grid, composed (e.g. bench/cifar10/resnet18/linf/trades/rpat)")
+        elif args.what == name:
+            print("\n".join(items))
+            if name == "methods":
+                print(f"({METHOD_NOTE})")
     return 0
 
 

@@ -129,7 +129,7 @@ def test_list_presets_one_line_descriptions(capsys):
     names = list_presets()
     described = {ln.split()[0]: ln for ln in lines if ln.split() and ln.split()[0] in names}
     assert set(described) == set(names)
-    for name, ln in described.items():
+    for ln in described.values():
         assert len(ln.split(maxsplit=1)) == 2 and len(ln.split(maxsplit=1)[1]) > 10, ln
     assert "digits" in described["digits_demo"] and "110 epochs" in described["cifar10_benchmark"]
     assert any(ln.startswith("bench/") for ln in lines)

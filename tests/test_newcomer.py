@@ -133,3 +133,28 @@ def test_list_presets_one_line_descriptions(capsys):
         assert len(ln.split(maxsplit=1)) == 2 and len(ln.split(maxsplit=1)[1]) > 10, ln
     assert "digits" in described["digits_demo"] and "110 epochs" in described["cifar10_benchmark"]
     assert any(ln.startswith("bench/") for ln in lines)
+
+
+def test_train_subset_decodes_only_the_images_used(cifar10_jpeg_subset, tmp_path, monkeypatch):
+    import shutil
+
+    import rpat.data.datasets as dsmod
+    from rpat.data import load_dataset
+    from rpat.training.trainer import prepare_data
+
+    root = tmp_path / "f"
+    shutil.copytree(cifar10_jpeg_subset, root)
+    cfg = build_config(None, None, [{"data": {"dataset": "imagefolder", "root": str(root), "train_subset": 50,
+                                              "val_size": 30}, "model": {"arch": "small_cnn"}, "device": "cpu"}])
+    calls: list[str] = []
+    real = dsmod._decode_image
+    monkeypatch.setattr(dsmod, "_decode_image", lambda src, where: calls.append(where) or real(src, where))
+    part = prepare_data(cfg, progress=False)
+    assert len(calls) == 80 == len(set(calls))  # 50 training + 30 validation images of 400, no test images
+    full = load_dataset("imagefolder", root, "train", cache_dir=tmp_path / "other-cache", progress=False)
+    ref = prepare_data(cfg, train=full, progress=False)  # decode everything, then cut: the same images
+    assert torch.equal(part.train.images, ref.train.images) and torch.equal(part.train.labels, ref.train.labels)
+    assert torch.equal(part.held_out.images, ref.held_out.images) and part.selection == "validation"
+    calls.clear()
+    again = prepare_data(cfg, progress=False)  # from the cached subset
+    assert calls == [] and torch.equal(again.train.images, part.train.images)

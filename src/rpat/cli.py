@@ -240,10 +240,12 @@ def _train(args: argparse.Namespace) -> int:
                 continue
             report, info = evaluate_checkpoint(run_dir / f"{which}.pt", n_examples=args.n_examples,
                                                device=trainer.cfg.device, progress=progress)
+            sel = {"selected_on": summary["held_out"]} if which == "best" else {}
             (run_dir / f"eval_{which}.json").write_text(
-                json.dumps({**info, **report.to_dict()}, indent=2) + "\n")
+                json.dumps({**info, **report.to_dict(), **sel}, indent=2) + "\n")
             rows.append((which, report.to_dict()))
         print(format_table(rows))
+        print(f"(best = best.pt, selected on the {summary['held_out']})")
     return 0
 
 

@@ -15,6 +15,7 @@ from .config import build_config
 from .evaluation.checkpoint_eval import evaluate_checkpoint
 from .evaluation.robustness import format_table
 from .training import Trainer
+from .utils import progress_enabled
 
 RUNS = (("PGD-AT", "pgd_at", False), ("PGD-AT + RPAT", "pgd_at_rpat", True))
 DEMO_TEST_IMAGES = 200  #: test images evaluated by default (of 599): keeps the demo within ~3 min on 2 cores
@@ -30,6 +31,8 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0, progress: bool
     """
     rows = []
     t0 = time.perf_counter()
+    bars = progress_enabled(progress)  # bars on a terminal; otherwise one line per evaluation stage
+    log = None if bars else (lambda m: print(f"   {m}", flush=True))
     base = build_config("digits_demo", None, [{"optim": {"epochs": epochs}}] if epochs is not None else [])
     what = "all 599" if n_examples is None else f"the first {min(n_examples, 599)} of 599"
     print(f"rpat demo: PGD-AT and PGD-AT + RPAT, {base.optim.epochs} epochs each on the 1,198 digits training "
@@ -44,8 +47,8 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0, progress: bool
         t = time.perf_counter()
         Trainer(cfg, out / name, overwrite=True, progress=progress).fit()
         t_train = time.perf_counter() - t
-        report, _ = evaluate_checkpoint(out / name / "final.pt", device="cpu", progress=progress,
-                                        n_examples=n_examples)
+        report, _ = evaluate_checkpoint(out / name / "final.pt", device="cpu", progress=bars,
+                                        n_examples=n_examples, log=log)
         print(f"   {label}: training {t_train:.0f} s, evaluation {time.perf_counter() - t - t_train:.0f} s",
               flush=True)
         rows.append((label, report.to_dict()))

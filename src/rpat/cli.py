@@ -102,7 +102,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        description="Train a small CNN with PGD-AT and with PGD-AT + RPAT on "
                        "scikit-learn's bundled 8x8 digits (no download), then print the "
                        "Clean / PGD-20 / AutoAttack / Mean / NRR table for both. 2 x 20 epochs on the "
-                       "1,198 training images, then standard AutoAttack on the first 200 of the 599 test "
+                       "1,198 training images, then standard AutoAttack on the first 150 of the 599 test "
                        "images (AutoAttack takes most of the time); aimed at 3 minutes or less on 2 idle CPU "
                        "cores. Needs the 'digits' extra: pip install 'rpat[digits]'.",
                        epilog="examples:\n  rpat demo\n  rpat demo --n-examples 599            # all 599, as before: "
@@ -111,7 +111,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory root (default runs/demo)")
     p.add_argument("--epochs", type=int, help="override the demo's epochs (default 20)")
-    p.add_argument("--n-examples", type=int, default=200, help="test images to evaluate (default 200 of 599)")
+    p.add_argument("--n-examples", type=int, default=150, help="test images to evaluate (default 150 of 599)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 

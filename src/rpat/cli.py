@@ -105,9 +105,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        "1,198 training images, then standard AutoAttack on the first 150 of the 599 test "
                        "images (AutoAttack takes most of the time); aimed at 3 minutes or less on 2 idle CPU "
                        "cores. Needs the 'digits' extra: pip install 'rpat[digits]'.",
-                       epilog="examples:\n  rpat demo\n  rpat demo --n-examples 599            # all 599, as before: "
-                       "5-6 min (2 cores, commit fc987a8)\n  rpat demo --epochs 5 --n-examples 100   # shorter: fewer epochs "
-                       "and test images",
+                       epilog="examples:\n  rpat demo\n"
+                       "  rpat demo --n-examples 599            # all test images (5-6 min at commit fc987a8)\n"
+                       "  rpat demo --epochs 5 --n-examples 50  # shorter: fewer epochs and test images",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory root (default runs/demo)")
     p.add_argument("--epochs", type=int, help="override the demo's epochs (default 20)")

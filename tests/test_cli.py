@@ -99,6 +99,9 @@ def test_demo_trains_both_methods_and_prints_a_consistent_table(tmp_path, capsys
     assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--n-examples", "30", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| PGD-AT " in out and "| PGD-AT + RPAT" in out and "NRR" in out
+    # it says what it runs (epochs, test images, which AutoAttack) and how long it took
+    assert "1 epochs each" in out and "the first 30 of 599 test images" in out and "standard AutoAttack" in out
+    assert "(total " in out and " min " in out
     rows = json.loads((tmp_path / "results.json").read_text())
     assert set(rows) == {"PGD-AT", "PGD-AT + RPAT"}
     for r in rows.values():

@@ -87,20 +87,24 @@ def test_ties_are_all_marked_and_missing_values(tmp_path):
     assert runs[1].results["final"]["pgd"] == 27.0 and "epoch 4" in runs[1].sources["final"]
     md = markdown_table(runs, columns_for(("final",), ("clean", "pgd", "aa")))
     rows = md.strip().splitlines()[2:]
-    assert rows[0] == "| PGD-AT | **70.00** | **40.00** | **30.00** |"
-    assert rows[1] == "| PGD-AT + RPAT | **70.00** | 27.00 | - |"  # a tie marks both; missing is "-"
+    # a tie marks both; missing is "-"; AA has one value only, so nothing is "best" there
+    assert rows[0] == "| PGD-AT | **70.00** | **40.00** | 30.00 | eval_final.json |"
+    assert rows[1] == "| PGD-AT + RPAT | **70.00** | 27.00 | - | training log, epoch 4, held-out images |"
 
 
 def test_csv_and_latex(runs_root):
     runs = load_runs([runs_root])
     cols = columns_for(("best", "final"), ("clean", "aa"))
     rows = list(csv.reader(io.StringIO(csv_table(runs, cols))))
-    assert rows[0] == ["method", "run_dir", "clean_best", "clean_final", "aa_best", "aa_final"]
-    assert rows[2][0] == "PGD-AT + RPAT" and rows[2][2:] == ["81.50", "83.00", "46.25", "44.50"]
+    assert rows[0] == ["method", "run_dir", "clean_best", "clean_final", "aa_best", "aa_final", "source_best",
+                       "source_final"]
+    assert rows[2][0] == "PGD-AT + RPAT" and rows[2][2:6] == ["81.50", "83.00", "46.25", "44.50"]
+    assert rows[2][6:] == ["best.eval.json; best.pt selected on held-out images", "final.eval.json"]
     tex = latex_table(runs, cols, caption="CIFAR-10 & 50% <x>")
     assert r"\multicolumn{2}{c}{Clean} & \multicolumn{2}{c}{AA}" in tex
     assert r"PGD-AT + RPAT & \textbf{81.50} & \textbf{83.00} & 46.25 & 44.50 \\" in tex
     assert r"CIFAR-10 \& 50\% <x>" in tex and tex.count(r"\textbf") == 4
+    assert r"Sources: PGD-AT (best): eval\_best.json" in tex
 
 
 def test_build_report_writes_tables_and_figures(runs_root, tmp_path):
@@ -145,3 +149,30 @@ def test_cli_report(runs_root, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["report", str(runs_root), "--out", str(out), "--which", "last"]) == 2
     assert "unknown checkpoint 'last'" in capsys.readouterr().err
+
+
+def test_table_names_each_cells_source_and_image_count(tmp_path):
+    """A row mixing a training log's held-out numbers with rpat eval's says so in the table itself."""
+    root = tmp_path / "r"
+    a = _write_run(root, "a", "pgd_at", False, 0, {"clean": 70.0, "pgd": 40.0, "aa": 30.0},
+                   {"clean": 71.0, "pgd": 41.0, "aa": 31.0}, eval_style="rpat-eval")
+    (a / "best.eval.json").unlink()  # best: from the training log (1,000 test images); final: rpat eval (200)
+    d = json.loads((a / "final.eval.json").read_text())
+    (a / "final.eval.json").write_text(json.dumps({**d, "n_examples": 200, "dataset": "cifar10"}))
+    (a / "meta.json").write_text(json.dumps({"held_out_images": 1000, "selection": "test: the first 1000 test images"}))
+    b = _write_run(root, "b", "pgd_at", True, 0, {"clean": 72.0, "pgd": 42.0, "aa": 32.0},
+                   {"clean": 73.0, "pgd": 43.0, "aa": 33.0})
+    (b / "meta.json").write_text(json.dumps({"held_out_images": 500, "selection": "validation: 500 training images"}))
+    md = markdown_table(load_runs([root]), columns_for(("best", "final"), ("clean",)))
+    lines = md.strip().splitlines()
+    assert lines[0] == "| method | Clean (best) | Clean (final) | source (best) | source (final) |"
+    assert lines[2] == ("| PGD-AT | 60.00 | 71.00 | training log, epoch 3, first 1000 test images "
+                        "| final.eval.json, 200 cifar10 test images |")
+    assert lines[3] == ("| PGD-AT + RPAT | **72.00** | **73.00** | eval_best.json; best.pt selected on "
+                        "500 validation images | eval_final.json |")
+
+
+def test_a_single_row_is_never_bold(runs_root):
+    runs = load_runs([runs_root])[:1]
+    cols = columns_for(("best", "final"))
+    assert "**" not in markdown_table(runs, cols) and r"\textbf" not in latex_table(runs, cols)

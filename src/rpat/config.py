@@ -364,6 +364,28 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
+PRESET_DESCRIPTIONS = {
+    "cifar10_benchmark": "PGD-AT, CIFAR-10, ResNet-18, l-inf 8/255, 110 epochs (paper Table 1); --rpat adds RPAT",
+    "cifar10_benchmark_l2": "cifar10_benchmark under l2: eps 128/255, step 32/255",
+    "cifar10_benchmark_rpat": "PGD-AT + RPAT (lambda 1, a 0.5, logits), otherwise cifar10_benchmark",
+    "cifar10_rebat": "ReBAT (Table 6): PreActResNet-18, 200 epochs, weight averaging + BoAT term, validation split",
+    "cifar10_rebat_strong": "ReBAT $: cifar10_rebat with eps 10/255, 12 steps after the first lr decay",
+    "cifar10_rpatpp": "RPAT++ (Table 6): cifar10_rebat with the robust-perception teacher target",
+    "cifar10_rpatpp_strong": "RPAT++ $: cifar10_rpatpp with eps 10/255, 12 steps after the first lr decay",
+    "cifar10_sota": "PGD-AT, CIFAR-10, PreActResNet-18, 200 epochs, lr x0.1 at 100 and 150 (paper Sec. 5.3)",
+    "digits_demo": "the offline CPU demo: small CNN on 8x8 digits, l-inf 32/255, 20 epochs (rpat demo)",
+}
+
+
+def preset_description(name: str) -> str:
+    """One line on what a built-in preset trains (its YAML's first comment line when not listed above)."""
+    if name in PRESET_DESCRIPTIONS:
+        return PRESET_DESCRIPTIONS[name]
+    text = (resources.files("rpat") / "configs" / f"{name}.yaml").read_text()
+    first = next((ln for ln in text.splitlines() if ln.startswith("#")), "#")
+    return first.lstrip("# ").strip()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -36,6 +36,13 @@ changing the source invalidates the cache. Cache files are written atomically
 (temporary name, then ``os.replace``); older caches of the same dataset and
 split are removed. An unreadable cache is ignored and rebuilt.
 
+Partial decoding: ``load_dataset(..., indices=...)`` returns only those images. For
+``imagefolder`` and ``tiny-imagenet`` (one JPEG per image) it decodes only them, unless
+the whole split is already cached, and caches the subset as ``<name>-<split>_subset-<key>.npz``
+(one such file per dataset and split); :func:`count_images` gives a split's size without
+decoding. CIFAR and digits are read whole (their archives hold arrays, about a second),
+then cut.
+
 Downloads: ``load_dataset(..., download=True)`` fetches a missing archive from
 the spec's ``url`` (directory replaced by ``$RPAT_MIRROR`` when set, see
 :func:`rpat.data.download.resolve_url`) and verifies its checksum. Tests can
@@ -72,6 +79,7 @@ __all__ = [
     "SPLITS",
     "ArrayDataset",
     "DatasetSpec",
+    "count_images",
     "get_spec",
     "load_dataset",
     "spec_for",
@@ -219,6 +227,8 @@ def spec_for(name: str, dataset: ArrayDataset) -> DatasetSpec:
 #: datasets whose test split is stored grouped by class: "the first N test images" of them
 #: would be a few classes only, so evaluation subsets are drawn by a fixed permutation instead.
 CLASS_SORTED_TEST = frozenset({"imagefolder", "tiny-imagenet"})
+#: datasets decoded image by image, so that asking for a subset decodes only it
+PARTIAL_DECODE = frozenset({"imagefolder", "tiny-imagenet"})
 
 
 def evaluation_indices(name: str, n_total: int, n: int) -> torch.Tensor:
@@ -250,6 +260,7 @@ def load_dataset(
     *,
     spec: DatasetSpec | None = None,
     progress: bool = True,
+    indices: Sequence[int] | torch.Tensor | None = None,
 ) -> ArrayDataset:
     """Load one split of a dataset as uint8 tensors.
 
@@ -265,6 +276,8 @@ def load_dataset(
         spec: use this spec's ``url``/``filename``/checksums instead of the
             registered one (for tests and mirrors); the loader is chosen by ``name``.
         progress: show tqdm bars while downloading and decoding.
+        indices: only these images of the split (positions in load order), in this order;
+            for ``PARTIAL_DECODE`` datasets only they are decoded (see the module doc).
 
     Returns:
         :class:`ArrayDataset` with ``images`` uint8 ``(N, C, H, W)`` on the CPU.
@@ -277,32 +290,54 @@ def load_dataset(
     spec = spec if spec is not None else registered
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    idx = None if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
     if name == "digits":
-        return _load_digits(split)
+        ds = _load_digits(split)
+        return ds if idx is None else ds.subset(idx)
 
     root = Path(root).expanduser()
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else root / ".rpat-cache"
     if name == "imagefolder":
         classes, files, fingerprint = _scan_imagefolder(root, split)
-        cache = _cache_path(cache_root, name, split, fingerprint)
-        ds = _read_cache(cache)
-        if ds is None:
-            ds = _decode_imagefolder(files, classes, progress)
-            _write_cache(cache, ds)
-        return ds
 
-    archive = _find_archive(spec, root, download, progress)
-    st = archive.stat()
-    fingerprint = _digest(f"{archive.name}\t{st.st_size}\t{st.st_mtime_ns}")
+        def decode(sel: torch.Tensor | None) -> ArrayDataset:
+            return _decode_imagefolder(files if sel is None else [files[i] for i in sel.tolist()], classes, progress)
+    else:
+        archive = _find_archive(spec, root, download, progress)
+        st = archive.stat()
+        fingerprint = _digest(f"{archive.name}\t{st.st_size}\t{st.st_mtime_ns}")
+
+        def decode(sel: torch.Tensor | None) -> ArrayDataset:
+            if name in ("cifar10", "cifar100"):
+                return _decode_cifar(archive, name, split)
+            return _decode_tiny(archive, split, progress, sel)
     cache = _cache_path(cache_root, name, split, fingerprint)
     ds = _read_cache(cache)
+    if ds is None and idx is not None and name in PARTIAL_DECODE:  # decode only what is asked for
+        key = _digest(f"{fingerprint}\n{idx.numpy().tobytes().hex()}")
+        sub_cache = _cache_path(cache_root, name, f"{split}_subset", key)
+        sub = _read_cache(sub_cache)
+        if sub is None:
+            sub = decode(idx)
+            _write_cache(sub_cache, sub)
+        return sub
     if ds is None:
-        if name in ("cifar10", "cifar100"):
-            ds = _decode_cifar(archive, name, split)
-        else:
-            ds = _decode_tiny(archive, split, progress)
+        ds = decode(None)
         _write_cache(cache, ds)
-    return ds
+    return ds if idx is None else ds.subset(idx)
+
+
+def count_images(name: str, root: str | Path, split: str, download: bool = False,
+                 spec: DatasetSpec | None = None) -> int:
+    """How many images ``load_dataset(name, root, split)`` returns, without decoding any (fixed for CIFAR)."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if name == "imagefolder":
+        return len(_scan_imagefolder(Path(root).expanduser(), split)[1])
+    if name == "tiny-imagenet":
+        archive = _find_archive(spec or get_spec(name), Path(root).expanduser(), download, False)
+        return len(_decode_tiny(archive, split, False, count_only=True))
+    return len(load_dataset(name, root, split, download=download, spec=spec, progress=False))
 
 
 def _find_archive(spec: DatasetSpec, root: Path, download: bool, progress: bool) -> Path:
@@ -495,8 +530,13 @@ def _decode_cifar(path: Path, name: str, split: str) -> ArrayDataset:
 # Tiny-ImageNet
 
 
-def _decode_tiny(path: Path, split: str, progress: bool) -> ArrayDataset:
-    """Decode Tiny-ImageNet-200 ``split`` from the official zip (``test`` = labelled val set)."""
+def _decode_tiny(path: Path, split: str, progress: bool, sel: torch.Tensor | None = None, *,
+                 count_only: bool = False):
+    """Decode Tiny-ImageNet-200 ``split`` from the official zip (``test`` = labelled val set).
+
+    ``sel``: decode only these positions of the split; ``count_only``: return the split's
+    (label, file, member) list without decoding anything.
+    """
     bad = (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError)
     advice = "delete it and re-run with --download, or replace it with a good copy"
     try:
@@ -537,6 +577,10 @@ def _decode_tiny(path: Path, split: str, progress: bool) -> ArrayDataset:
             if not items:
                 raise InputError(f"{path} holds no {split} images; {advice}")
             items.sort()
+            if count_only:
+                return items
+            if sel is not None:
+                items = [items[i] for i in sel.tolist()]
             images = np.empty((len(items), 3, 64, 64), dtype=np.uint8)
             for i, (_, _, member) in enumerate(tqdm(items, desc=f"tiny-imagenet {split}",
                                                     disable=not progress, leave=False)):
@@ -600,14 +644,14 @@ def _scan_imagefolder(root: Path, split: str) -> tuple[list[str], list[tuple[Pat
 def _decode_imagefolder(files: list[tuple[Path, int]], classes: list[str],
                         progress: bool) -> ArrayDataset:
     """Decode ``files`` to RGB; every image must have the size of the first one."""
-    first = _decode_image(files[0][0], str(files[0][0]))
-    h, w = first.shape[:2]
-    images = np.empty((len(files), 3, h, w), dtype=np.uint8)
-    images[0] = first.transpose(2, 0, 1)
-    for i in tqdm(range(1, len(files)), desc="decoding images", disable=not progress, leave=False):
+    images = None
+    for i in tqdm(range(len(files)), desc="decoding images", disable=not progress, leave=False):
         path = files[i][0]
         arr = _decode_image(path, str(path))
-        if arr.shape[:2] != (h, w):
+        if images is None:  # the first image sets the size
+            h, w = arr.shape[:2]
+            images = np.empty((len(files), 3, h, w), dtype=np.uint8)
+        elif arr.shape[:2] != (h, w):
             raise InputError(
                 f"{path} is {arr.shape[1]}x{arr.shape[0]} but {files[0][0]} is {w}x{h}; all "
                 f"images of an image folder must share one size (resize them first)"

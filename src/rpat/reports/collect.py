@@ -6,6 +6,10 @@ studies) or ``best.eval.json`` / ``final.eval.json`` (``rpat eval`` next to the
 checkpoint). All hold accuracies in percent under ``clean``, ``pgd``, ``aa``,
 ``mean``, ``nrr``. A run without evaluation files falls back to its held-out
 log (Clean and PGD-20 of the best epoch and of the last one; no AA).
+
+Each result also gets a short note (``RunRecord.notes``) naming its source and image
+count, and for ``best`` where the checkpoint was selected (``meta.json``'s held-out set:
+the first N test images, or a validation split); the tables print these notes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class RunRecord:
     metrics: list[dict[str, Any]]
     results: dict[str, dict[str, float | None]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  #: which -> "source, N images[; selected on ...]"
 
     @property
     def rpat(self) -> bool:
@@ -84,6 +89,19 @@ def default_label(config: dict[str, Any]) -> str:
     return names.get(m, m) + (" + RPAT" if config.get("rpat", {}).get("enabled") else "")
 
 
+def _held_out_images(meta: dict[str, Any]) -> str | None:
+    """``"first 1000 test images"`` / ``"1000 validation images"`` from a run's meta.json (None if unknown)."""
+    n, sel = meta.get("held_out_images"), str(meta.get("selection", ""))
+    if n is None or not sel:
+        return None
+    return f"{n} validation images" if sel.startswith("validation") else f"first {n} test images"
+
+
+def _eval_note(name: str, d: dict[str, Any]) -> str:
+    n = d.get("n_examples")
+    return f"{name}, {n} {d.get('dataset', '')} test images".replace("  ", " ") if n else name
+
+
 def load_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
     """Read one run directory (see module doc)."""
     run = Path(run_dir)
@@ -95,15 +113,24 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
     except yaml.YAMLError:
         raise InputError(f"{str(cfg_path)!r} is not valid YAML") from None
     metrics = read_jsonl(run / "metrics.jsonl")
+    try:
+        meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").is_file() else {}
+    except json.JSONDecodeError:
+        meta = {}
+    held = _held_out_images(meta if isinstance(meta, dict) else {})
     rec = RunRecord(run, label or default_label(config), config, metrics)
     for which in WHICH:
         f = _eval_file(run, which)
         if f is not None:
             try:
-                rec.results[which] = _from_eval(json.loads(f.read_text()))
+                d = json.loads(f.read_text())
             except json.JSONDecodeError:
                 raise InputError(f"{str(f)!r} is not valid JSON") from None
+            rec.results[which] = _from_eval(d)
             rec.sources[which] = f.name
+            rec.notes[which] = _eval_note(f.name, d)
+            if which == "best":
+                rec.notes[which] += f"; best.pt selected on {held or 'held-out images'}"
         elif metrics:
             rows = [r for r in metrics if "held_out_pgd" in r]
             if rows:
@@ -111,6 +138,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
                 rec.results[which] = {"clean": pick.get("held_out_clean"), "pgd": pick["held_out_pgd"],
                                       "aa": None, "mean": None, "nrr": None}
                 rec.sources[which] = f"metrics.jsonl (held-out, epoch {pick['epoch'] + 1})"
+                rec.notes[which] = f"training log, epoch {pick['epoch'] + 1}, {held or 'held-out images'}"
     return rec
 
 

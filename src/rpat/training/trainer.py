@@ -40,11 +40,12 @@ from .. import __version__
 from ..checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ..config import Config, config_from_dict, dump_yaml
 from ..data import ArrayDataset, DeviceLoader, evaluation_subset, get_spec, load_dataset
+from ..data.datasets import PARTIAL_DECODE, count_images
 from ..errors import InputError
 from ..evaluation.robustness import accuracy, pgd_accuracy
 from ..models import create_model
 from ..objectives import RPATTerm, build_objective
-from ..utils import derived_seed, git_commit, make_generator, resolve_device
+from ..utils import derived_seed, git_commit, make_generator, progress_enabled, resolve_device
 from .averaging import WeightAverage
 from .cuda_graph import GraphTrainStep, phase_key
 from .distributed import (
@@ -99,30 +100,56 @@ class RunData:
 def split_validation(train: ArrayDataset, n: int, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """``(rest, val)``: ``n`` images drawn by ``seed`` become the validation set, the rest (in their
     original order) stay for training; the two never share an image index."""
-    if n >= len(train):
-        raise InputError(f"data.val_size={n} leaves no training images (the training set has {len(train)})")
+    rest, val = _validation_indices(len(train), n, seed)
+    return train.subset(rest), train.subset(val)
+
+
+def _validation_indices(n_total: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if n >= n_total:
+        raise InputError(f"data.val_size={n} leaves no training images (the training set has {n_total})")
     g = torch.Generator().manual_seed(derived_seed(seed, 29))
-    perm = torch.randperm(len(train), generator=g)
-    return train.subset(perm[n:].sort().values), train.subset(perm[:n].sort().values)
+    perm = torch.randperm(n_total, generator=g)
+    return perm[n:].sort().values, perm[:n].sort().values
+
+
+def train_indices(cfg: Config, n_total: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions in the full training split of the images trained on and of the validation split
+    (``data.val_size``; None without one), after ``data.train_subset``; both sorted."""
+    d = cfg.data
+    idx, val = torch.arange(n_total), None
+    if d.val_size is not None:
+        idx, val = _validation_indices(n_total, d.val_size, d.val_seed)
+    if d.train_subset is not None and d.train_subset < len(idx):
+        g = torch.Generator().manual_seed(derived_seed(0, 17))  # fixed subset, same for every seed
+        idx = idx[torch.randperm(len(idx), generator=g)[: d.train_subset].sort().values]
+    return idx, val
 
 
 def prepare_data(cfg: Config, train: ArrayDataset | None = None, test: ArrayDataset | None = None,
                  progress: bool = True) -> RunData:
     """Load (or take) the train/test sets, carve the validation split (``data.val_size``), apply
-    the fixed train subset, cut the held-out set (the validation split, else the first test images)."""
+    the fixed train subset, cut the held-out set (the validation split, else the first test images).
+
+    With ``data.train_subset`` on a dataset stored one JPEG per image (image folders,
+    Tiny-ImageNet), only the images used (subset + validation split) are decoded.
+    """
     d = cfg.data
     spec = get_spec(d.dataset)
-    if train is None:
-        train = load_dataset(d.dataset, d.root, "train", download=d.download, progress=progress)
-    val = None
-    if d.val_size is not None:
-        train, val = split_validation(train, d.val_size, d.val_seed)
+    if train is None and d.train_subset is not None and d.dataset in PARTIAL_DECODE:
+        n_total = count_images(d.dataset, d.root, "train", download=d.download)
+        idx, val_idx = train_indices(cfg, n_total)
+        used = idx if val_idx is None else torch.cat([idx, val_idx]).unique()  # sorted
+        part = load_dataset(d.dataset, d.root, "train", download=d.download, progress=progress, indices=used)
+        train = part.subset(torch.searchsorted(used, idx))
+        val = None if val_idx is None else part.subset(torch.searchsorted(used, val_idx))
+    else:
+        if train is None:
+            train = load_dataset(d.dataset, d.root, "train", download=d.download, progress=progress)
+        idx, val_idx = train_indices(cfg, len(train))
+        val = None if val_idx is None else train.subset(val_idx)
+        train = train.subset(idx) if len(idx) < len(train) else train
     if test is None and val is None:
         test = load_dataset(d.dataset, d.root, "test", download=d.download, progress=progress)
-    if d.train_subset is not None and d.train_subset < len(train):
-        g = torch.Generator().manual_seed(derived_seed(0, 17))  # fixed subset, same for every seed
-        idx = torch.randperm(len(train), generator=g)[: d.train_subset].sort().values
-        train = train.subset(idx)
     held_out = val if val is not None else evaluation_subset(d.dataset, test, cfg.eval.n_examples)
     mean = tuple(spec.mean) if cfg.model.normalize and spec.mean else None
     std = tuple(spec.std) if cfg.model.normalize and spec.std else None
@@ -173,7 +200,7 @@ class Trainer:
             raise InputError(f"cfg must be an rpat Config (see rpat.config.build_config), got {type(cfg).__name__}")
         cfg = cfg.validate()
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.progress = progress_enabled(progress)  # bars only on a terminal; the log has one line per epoch
         self.log = log
         self._critical = False  # inside the epoch-boundary writes: signals wait until they are done
         self._pending_signal: int | None = None
@@ -188,7 +215,11 @@ class Trainer:
             cfg = config_from_dict(ckpt["config"]).validate()  # a resumed run keeps its own config
         self.cfg = cfg
         self.dist, self.device = setup(resolve_device(cfg.device))  # one process unless launched by torchrun
-        self.data = data if data is not None else prepare_data(cfg, progress=progress)
+        t_data = time.perf_counter()
+        self.data = data if data is not None else prepare_data(cfg, progress=self.progress)
+        if data is None and time.perf_counter() - t_data > 2.0:
+            self.log(f"data: {len(self.data.train)} training images, held-out {self._held_out_label()} "
+                     f"({time.perf_counter() - t_data:.0f} s)")
 
         torch.manual_seed(derived_seed(cfg.seed, 0))
         self.model_kwargs = {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
@@ -228,6 +259,7 @@ class Trainer:
 
         self.start_epoch = 0
         self.best = {"pgd": -1.0, "epoch": -1}
+        self.finished = False  #: resumed a run that had already finished: fit() changes nothing
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -237,8 +269,14 @@ class Trainer:
                 self.averager.load_state_dict(ckpt["averaged"])
             self.start_epoch = int(ckpt["epoch"])
             self.best = dict(ckpt["best"])
-            self._truncate_metrics(self.start_epoch)
-            self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}")
+            # a finished run (every epoch done, final.pt written) is left exactly as it is
+            self.finished = self.start_epoch >= cfg.optim.epochs and (self.run_dir / "final.pt").is_file()
+            if self.finished:
+                self.log(f"{self.run_dir} is already finished ({cfg.optim.epochs}/{cfg.optim.epochs} epochs, "
+                         "final.pt written); nothing to resume, no file changed")
+            else:
+                self._truncate_metrics(self.start_epoch)
+                self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}")
         elif self.is_main:
             self._write_run_files()
 
@@ -270,6 +308,12 @@ class Trainer:
                 "train_images": len(self.data.train), "held_out_images": len(self.data.held_out),
                 "selection": self._selection(), "evaluated_model": self._evaluated_model()}
         (self.run_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _held_out_label(self) -> str:
+        """Where the held-out numbers (and the choice of best.pt) come from, for log lines and tables."""
+        n = len(self.data.held_out)
+        return f"validation split ({n} training images)" if self.data.selection == "validation" \
+            else f"first {n} test images"
 
     def _selection(self) -> str:
         d = self.cfg.data
@@ -405,9 +449,10 @@ class Trainer:
         """
         bs = self.cfg.eval.batch_size
         model = self.eval_model if model is None else model
-        clean = accuracy(model, self.eval_x, self.eval_y, batch_size=bs, device=self.device)
+        clean = accuracy(model, self.eval_x, self.eval_y, batch_size=bs, device=self.device,
+                         progress=self.progress)
         robust = pgd_accuracy(model, self.eval_x, self.eval_y, self.eval_threat, batch_size=bs,
-                              device=self.device, seed=derived_seed(self.cfg.seed, 2))
+                              device=self.device, seed=derived_seed(self.cfg.seed, 2), progress=self.progress)
         return {"clean": clean, "pgd": robust}
 
     # ---- stopping safely --------------------------------------------------------------
@@ -465,6 +510,8 @@ class Trainer:
         never saved.
         """
         self._epoch = self.start_epoch
+        if self.finished:
+            return self._summary()
         with self._stop_on_signals():
             try:
                 return self._fit()
@@ -510,8 +557,10 @@ class Trainer:
             if not self._weights_finite():
                 raise NonFiniteLossError(f"the weights became non-finite in epoch {epoch + 1}; nothing saved "
                                          "(last.pt keeps the last finished epoch)")
+            t_eval = time.perf_counter()
             ev = self.evaluate_held_out()
             online = self.evaluate_held_out(self.model) if self.averager is not None else None
+            t_eval = time.perf_counter() - t_eval
             improved = ev["pgd"] > self.best["pgd"]
             self._critical = True  # the epoch-boundary writes below finish before a signal is acted on
             if improved:
@@ -533,13 +582,19 @@ class Trainer:
             terms = " ".join(f"{k}={v:.4f}" for k, v in train_stats.items()
                              if k not in ("seconds", "images_per_s", "lr", "skipped_steps"))
             self.log(f"epoch {done}/{cfg.optim.epochs} lr={train_stats['lr']:.4g} {terms} "
-                     f"| {'WA ' if online is not None else ''}held-out clean {ev['clean']:.2f} "
-                     f"PGD-{self.eval_threat.steps} {ev['pgd']:.2f}"
-                     f"{' *best*' if improved else ''} | {train_stats['images_per_s']:.0f} img/s")
+                     f"| {'WA ' if online is not None else ''}held-out ({self._held_out_label()}) "
+                     f"clean {ev['clean']:.2f} PGD-{self.eval_threat.steps} {ev['pgd']:.2f}"
+                     f"{' *best so far*' if improved else ''} | {train_stats['images_per_s']:.0f} img/s, "
+                     f"{train_stats['seconds']:.0f} s + held-out eval {t_eval:.0f} s")
         self._save(self._eval_weights(cfg.optim.epochs), self.run_dir / "final.pt")
+        return self._summary()
+
+    def _summary(self) -> dict[str, Any]:
+        cfg = self.cfg
         return {"run_dir": str(self.run_dir), "best_epoch": self.best["epoch"] + 1,
                 "best_held_out_pgd": self.best["pgd"], "epochs": cfg.optim.epochs,
-                "selection": self._selection(), "evaluated_model": self._evaluated_model()}
+                "selection": self._selection(), "evaluated_model": self._evaluated_model(),
+                "held_out": self._held_out_label(), "already_finished": self.finished}
 
 
 def train(cfg: Config, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:

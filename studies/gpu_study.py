@@ -220,15 +220,15 @@ def make_config(args: argparse.Namespace, method: str, seed: int, epochs: int, s
     return build_config(None, None, o).validate()
 
 
-def train_run(cfg: Config, run_dir: Path, train, test, log: Callable[[str], None]) -> dict:
+def train_run(cfg: Config, run_dir: Path, train, test, log: Callable[[str], None], overwrite: bool = False) -> dict:
     """Train one config with rpat's Trainer; returns timings and the metrics rows."""
     from rpat.reports.collect import read_jsonl
     from rpat.training import Trainer
     from rpat.training.trainer import prepare_data
 
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, progress=False, data=prepare_data(cfg, train, test, progress=False),
-                      log=lambda m: log(f"[{run_dir.name}] {m}"))
+    trainer = Trainer(cfg, run_dir, overwrite=overwrite, progress=False,
+                      data=prepare_data(cfg, train, test, progress=False), log=lambda m: log(f"[{run_dir.name}] {m}"))
     t1 = time.perf_counter()
     trainer.fit()
     t2 = time.perf_counter()
@@ -247,7 +247,7 @@ def probe(args: argparse.Namespace, device: torch.device, train, test, work: Pat
     out: dict = {"steps_per_epoch": args.probe_steps, "images_per_epoch": subset}
     for method in METHODS:
         cfg = make_config(args, method, 0, 2, "constant", [], device, subset)
-        r = train_run(cfg, work / f"probe_{method}", train, test, lambda m: None)
+        r = train_run(cfg, work / f"probe_{method}", train, test, lambda m: None, overwrite=True)
         secs = [row["train_seconds"] for row in r["rows"]]
         overhead = max(0.0, (r["fit_seconds"] - sum(secs)) / len(secs))
         out[method] = {"images_per_s": r["rows"][-1]["train_images_per_s"], "epoch_seconds": secs,
@@ -306,26 +306,25 @@ def paired_differences(runs: list[dict]) -> dict:
 
 
 def _per_attack_lines(runs: list[dict]) -> list[str]:
-    """The evaluation's per-attack report (``extras['aa_per_attack']``), when this rpat records one."""
+    """The evaluation's per-attack report (``extras['aa_per_attack']``: ``[{"attack", "robust", "seconds"}, ...]``),
+    when this rpat records one; rendered by ``rpat.evaluation.format_per_attack`` when it exists."""
+    from rpat import evaluation
+
+    fmt = getattr(evaluation, "format_per_attack", None)
     lines = []
     for r in runs:
-        pa = r.get("extras", {}).get("aa_per_attack")
-        if pa is None:
+        records = (r.get("extras") or {}).get("aa_per_attack")
+        if not records:
             continue
-        if isinstance(pa, dict):
-            items = pa.items()
+        if fmt is not None:
+            text = fmt(r)
         else:
-            items = [(str(e.get("attack", i)), e) for i, e in enumerate(pa)] if isinstance(pa, list) else []
-        cells = []
-        for name, v in items:
-            if isinstance(v, dict):
-                cells.append(f"{name} " + ", ".join(f"{kk} {vv:.2f}" if isinstance(vv, float) else f"{kk} {vv}"
-                                                    for kk, vv in v.items() if kk != "attack"))
-            else:
-                cells.append(f"{name} {v:.2f}" if isinstance(v, float) else f"{name} {v}")
-        lines.append(f"- seed {r['seed']}, {METHODS[r['method']]}: " + "; ".join(cells))
-    return (["", "AutoAttack per attack (robust accuracy after each attack, and its seconds):", "", *lines]
-            if lines else [])
+            text = " | ".join(f"{e.get('attack')} {float(e.get('robust', float('nan'))):.2f}"
+                              + (f" ({float(e['seconds']):.0f} s)" if "seconds" in e else "") for e in records)
+        lines.append(f"- seed {r['seed']}, {METHODS[r['method']]}: {text}")
+    if not lines:
+        return []
+    return ["", "AutoAttack per attack (robust accuracy after each attack, and its seconds):", "", *lines]
 
 
 def write_markdown(study: dict, path: Path) -> None:
@@ -480,7 +479,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz, or a folder holding train/ and test/")
     p.add_argument("--out", required=True, help="folder for study.md and study.json")
-    p.add_argument("--minutes", type=float, default=None, help="the whole budget (default 8; 5 with --smoke)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="the whole budget (default 8; 30 with --smoke: tiny CPU rates, large estimates)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of runs per seed")
     p.add_argument("--smoke", action="store_true", help="the same code path on the CPU, tiny (CI)")
     p.add_argument("--device", default="auto")
@@ -489,7 +489,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=None, help="steps per probe epoch (default 20; 2 smoke)")
     args = p.parse_args(argv)
     smoke = args.smoke
-    args.minutes = args.minutes if args.minutes is not None else (5.0 if smoke else 8.0)
+    args.minutes = args.minutes if args.minutes is not None else (30.0 if smoke else 8.0)
     args.n_examples = args.n_examples if args.n_examples is not None else (16 if smoke else 1000)
     args.probe_steps = args.probe_steps if args.probe_steps is not None else (2 if smoke else 20)
     args.arch = "small_cnn" if smoke else "resnet18"

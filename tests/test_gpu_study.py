@@ -65,6 +65,16 @@ def test_plan_refuses_a_budget_that_fits_no_epoch():
         gs.plan_study(480, 30, 50000, (1000, 800), 1.0, 5.0, 60.0, pairs=2, safety=0.95)
 
 
+def test_per_attack_report_is_rendered_when_the_evaluation_records_it():
+    rec = [{"attack": "clean", "robust": 80.0, "n_robust": 800, "seconds": 0.1},
+           {"attack": "apgd-ce", "robust": 45.5, "n_robust": 455, "seconds": 12.3}]
+    lines = gs._per_attack_lines([{"seed": 0, "method": "pgd_at", "n_examples": 1000, "aa": 45.5,
+                                   "extras": {"aa_version": "standard", "aa_per_attack": rec}},
+                                  {"seed": 0, "method": "pgd_at_rpat", "extras": {}}])
+    assert len(lines) == 4 and "seed 0, PGD-AT" in lines[3] and "45.50" in lines[3]
+    assert gs._per_attack_lines([{"seed": 0, "method": "pgd_at", "extras": {}}]) == []
+
+
 def test_smoke_run_end_to_end(cifar10_jpeg_subset, tmp_path, capsys):
     out = tmp_path / "study"
     assert gs.main(["--smoke", "--data", str(cifar10_jpeg_subset), "--out", str(out), "--seeds", "3"]) == 0
@@ -89,3 +99,25 @@ def test_smoke_run_end_to_end(cifar10_jpeg_subset, tmp_path, capsys):
                           study["eval_estimate_seconds_per_model"], max_epochs=1)
     assert again.predicted_seconds == pytest.approx(plan["predicted_seconds"])
     assert study["minutes_used"] <= study["budget_minutes"] and study["within_budget"]
+
+
+def test_cuda_speed_options_are_valid_config_and_the_graph_is_used_when_the_config_has_it():
+    import dataclasses
+
+    import torch
+
+    from rpat.config import SpeedConfig
+
+    cuda = torch.device("cuda")
+    opts = gs.speed_overrides(cuda)
+    assert opts[:2] == ["speed.amp=bf16", "speed.channels_last=true"]
+    has_graph = "cuda_graph" in {f.name for f in dataclasses.fields(SpeedConfig)}
+    assert ("speed.cuda_graph=true" in opts) == has_graph
+    assert gs.speed_overrides(torch.device("cpu")) == []
+    args = gs.parse_args(["--data", "d", "--out", "o"])
+    args.data_root = "d"
+    cfg = gs.make_config(args, "pgd_at_rpat", 1, 20, *gs.choose_schedule(20)[:2], cuda, None)
+    assert (cfg.model.arch, cfg.data.batch_size, cfg.rpat.enabled, cfg.rpat.lam, cfg.rpat.alpha) == \
+        ("resnet18", 128, True, 1.0, 0.5)
+    assert (cfg.optim.schedule, cfg.optim.milestones, cfg.speed.amp, cfg.speed.channels_last) == \
+        ("piecewise", [18, 19], "bf16", True)

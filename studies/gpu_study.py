@@ -261,7 +261,7 @@ def probe(args: argparse.Namespace, device: torch.device, train, test, work: Pat
     x, y = sub.images.float().div_(255), sub.labels
     threat = ThreatModel("linf", 8 / 255, 2 / 255, 20)
     model = model.to(memory_format=torch.contiguous_format)
-    pgd_accuracy(model, x[:8], y[:8], threat, batch_size=8, device=device)  # warm-up
+    pgd_accuracy(model, x, y, dataclasses.replace(threat, steps=2), batch_size=m, device=device)  # warm-up
     _sync(device)
     t = time.perf_counter()
     pgd_accuracy(model, x, y, threat, batch_size=m, device=device)
@@ -359,6 +359,9 @@ def write_markdown(study: dict, path: Path) -> None:
         f"({100 * epochs * n_train / paper_images:.3g}% of its {paper_images:,} training images seen), "
         f"final checkpoint only, {study['n_examples']:,} JPEG test images instead of the 10,000 original ones.",
     ]
+    if study.get("status", "complete") != "complete":
+        lines.insert(2, f"**Incomplete** (status `{study['status']}`): written before the study finished; the "
+                        "table holds the evaluations done so far.\n")
     if study["skipped_seeds"]:
         lines.append(f"- Seeds skipped for lack of budget: {study['skipped_seeds']}.")
     lines += ["", "| seed | method | " + " | ".join(LABELS[k] for k in METRICS) + " | train img/s | train s | eval s |",
@@ -396,7 +399,16 @@ def write_markdown(study: dict, path: Path) -> None:
 
 
 # ---- main ---------------------------------------------------------------------------------------
+def save(study: dict, out: Path) -> None:
+    """Write ``study.json`` and ``study.md`` (called after the plan and after each evaluation, so that a
+    run stopped by a time limit leaves what it finished)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
+    write_markdown(study, out / "study.md")
+
+
 def run_study(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """Data, probe, plan, the pairs and their evaluations; writes ``--out`` as it goes; returns the study."""
     from rpat.data import load_dataset
     from rpat.utils import git_commit, resolve_device
 
@@ -436,7 +448,25 @@ def run_study(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         log(f"plan: {plan.epochs} epoch(s), {plan.schedule}; predicted {plan.predicted_seconds / 60:.2f} of "
             f"{args.minutes:.1f} min (evaluation estimate {eval_s:.0f} s per model)")
 
-        runs, skipped = [], []
+        runs: list[dict] = []
+        skipped: list[int] = []
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+
+        def snapshot(status: str) -> dict:
+            used = time.perf_counter() - t_start
+            return {
+                "status": status, "command": "python studies/gpu_study.py " + " ".join(argv), "smoke": args.smoke,
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__, "git_commit": git_commit(),
+                "device": {"type": device.type, "name": name}, "budget_minutes": args.minutes,
+                "minutes_used": used / 60, "within_budget": used <= budget, "data_seconds": t_data,
+                "probe_seconds": t_probe, "arch": args.arch, "batch_size": args.batch_size, "train_images": n_train,
+                "n_examples": args.n_examples, "speed": speed_overrides(device), "probe": probe_out,
+                "eval_estimate_seconds_per_model": eval_s, "plan": dataclasses.asdict(plan),
+                "seeds": list(args.seeds), "skipped_seeds": skipped, "runs": runs,
+                "paired": paired_differences(runs), "paper": PAPER,
+            }
+
+        save(snapshot("planned"), Path(args.out))
         for i, seed in enumerate(args.seeds):
             left = budget * 0.95 - (time.perf_counter() - t_start)
             per_pair = plan.fixed_seconds_per_pair + plan.epochs * plan.epoch_seconds_per_pair
@@ -458,18 +488,10 @@ def run_study(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                              "held_out_curve": [{"epoch": row["epoch"] + 1, "lr": row["train_lr"],
                                                  "clean": row["held_out_clean"], "pgd": row["held_out_pgd"]}
                                                 for row in r["rows"]]})
-        used = time.perf_counter() - t_start
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
-        return {
-            "command": "python studies/gpu_study.py " + " ".join(argv), "smoke": args.smoke,
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__, "git_commit": git_commit(),
-            "device": {"type": device.type, "name": name}, "budget_minutes": args.minutes,
-            "minutes_used": used / 60, "within_budget": used <= budget, "data_seconds": t_data,
-            "probe_seconds": t_probe, "arch": args.arch, "batch_size": args.batch_size, "train_images": n_train,
-            "n_examples": args.n_examples, "speed": speed_overrides(device), "probe": probe_out,
-            "eval_estimate_seconds_per_model": eval_s, "plan": dataclasses.asdict(plan), "seeds": list(args.seeds),
-            "skipped_seeds": skipped, "runs": runs, "paired": paired_differences(runs), "paper": PAPER,
-        }
+                save(snapshot("running"), Path(args.out))
+        study = snapshot("complete")
+        save(study, Path(args.out))
+        return study
     finally:
         if keep:
             shutil.rmtree(keep, ignore_errors=True)
@@ -507,15 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        study = run_study(args, argv)
+        run_study(args, argv)
     except InputError as e:
         print(f"gpu_study: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
-    write_markdown(study, out / "study.md")
-    print((out / "study.md").read_text())
+    print((Path(args.out) / "study.md").read_text())
     return 0
 
 

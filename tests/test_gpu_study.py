@@ -99,6 +99,9 @@ def test_smoke_run_end_to_end(cifar10_jpeg_subset, tmp_path, capsys):
                           study["eval_estimate_seconds_per_model"], max_epochs=1)
     assert again.predicted_seconds == pytest.approx(plan["predicted_seconds"])
     assert study["minutes_used"] <= study["budget_minutes"] and study["within_budget"]
+    assert study["status"] == "complete" and "Incomplete" not in md
+    gs.write_markdown({**study, "status": "running"}, tmp_path / "partial.md")  # what a stopped run leaves
+    assert "**Incomplete** (status `running`)" in (tmp_path / "partial.md").read_text()
 
 
 def test_cuda_speed_options_are_valid_config_and_the_graph_is_used_when_the_config_has_it():

@@ -80,11 +80,8 @@ def test_trades_loss_by_hand():
     assert model.calls == 4  # clean + adv in the loss (2) after the 2 reference passes
 
 
-def test_mart_loss_by_hand():
-    model = Linear()
-    x, y, x_adv = _batch()
-    with torch.no_grad():
-        zc, za = model(x), model(x_adv)
+def _mart_by_hand(zc: torch.Tensor, za: torch.Tensor, y: torch.Tensor, exact: bool) -> float:
+    """MART's loss from softmaxes in plain Python: the official code's constants, or the exact formula."""
     pc, pa = _softmax_rows(zc), _softmax_rows(za)
     n = len(y)
     bce = 0.0
@@ -92,10 +89,70 @@ def test_mart_loss_by_hand():
     for i in range(n):
         yi = int(y[i])
         wrong = max(p for k, p in enumerate(pa[i]) if k != yi)
-        bce += -math.log(pa[i][yi]) - math.log(1 - wrong)
-        kl += _kl(pc[i], pa[i]) * (1 - pc[i][yi])
-    total, _ = Objective(MART(THREAT)).loss(model, x, y, x_adv, epoch=0)
-    assert total.item() == pytest.approx(bce / n + 6 * kl / n, rel=1e-5)
+        if exact:
+            bce += -math.log(pa[i][yi]) - math.log(max(1 - wrong, 1e-12))
+            kl += _kl(pc[i], pa[i]) * (1 - pc[i][yi])
+        else:  # log(1.0001 - p + 1e-12), weight (1.0000001 - p_true), KL with log(q + 1e-12)
+            bce += -math.log(pa[i][yi]) - math.log(1.0001 - wrong + 1e-12)
+            kl_i = sum(p * (math.log(p) - math.log(q + 1e-12)) for p, q in zip(pc[i], pa[i], strict=True) if p > 0)
+            kl += kl_i * (1.0000001 - pc[i][yi])
+    return bce / n + 6 * kl / n
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_mart_loss_by_hand(exact):
+    """Default (official constants) and ``exact`` both equal their hand computation on ordinary logits."""
+    model = Linear()
+    x, y, x_adv = _batch()
+    with torch.no_grad():
+        zc, za = model(x), model(x_adv)
+    total, _ = Objective(MART(THREAT, exact=exact)).loss(model, x, y, x_adv, epoch=0)
+    assert total.item() == pytest.approx(_mart_by_hand(zc.double(), za.double(), y, exact), rel=1e-5)
+
+
+class Fixed(nn.Module):
+    """Returns fixed logits per input (looked up by the input's first pixel), as a differentiable function."""
+
+    def __init__(self, table: dict[float, list[float]]):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [self.table[round(float(v), 3)] for v in x[:, 0, 0, 0]]
+        return torch.tensor(rows, dtype=x.dtype) + 0 * x.sum()
+
+
+def test_mart_confident_wrong_official_and_exact_differ_by_nats():
+    """A confident wrong prediction on x_adv: p_wrong = 1 − 1e-9. By hand, the exact margin term is
+    −log(1e-9) = 20.72 nats, the official one −log(1.0001 − (1 − 1e-9) + 1e-12) = −log(1.00001e-4) = 9.21."""
+    z_wrong = math.log(1 - 1e-9) - math.log(1e-9)  # logits (0, z): p = (1e-9, 1 − 1e-9)
+    x, x_adv = torch.full((1, 3, 4, 4), 0.1), torch.full((1, 3, 4, 4), 0.2)
+    model = Fixed({0.1: [0.0, 0.0], 0.2: [0.0, z_wrong]})  # clean: p = (0.5, 0.5); adv: confident class 1
+    y = torch.tensor([0])
+    official, _ = Objective(MART(THREAT)).loss(model, x.double(), y, x_adv.double(), epoch=0)
+    exact, _ = Objective(MART(THREAT, exact=True)).loss(model, x.double(), y, x_adv.double(), epoch=0)
+    ce = -math.log(1e-9)  # CE on x_adv: −log p_y = −log 1e-9
+    kl = 0.5 * math.log(0.5 / 1e-9) + 0.5 * math.log(0.5 / (1 - 1e-9))  # KL((.5,.5) ‖ (1e-9, 1 − 1e-9))
+    kl_off = 0.5 * math.log(0.5 / (1e-9 + 1e-12)) + 0.5 * math.log(0.5 / (1 - 1e-9 + 1e-12))
+    assert exact.item() == pytest.approx(ce - math.log(1e-9) + 6 * kl * 0.5, rel=1e-6)
+    assert official.item() == pytest.approx(ce - math.log(1.0001 - (1 - 1e-9) + 1e-12)
+                                            + 6 * kl_off * (1.0000001 - 0.5), rel=1e-6)
+    assert exact.item() - official.item() == pytest.approx(11.51, abs=0.01)  # 20.72 − 9.21 nats, by hand
+
+
+def test_mart_exact_from_config():
+    """``method.mart_exact`` reaches the objective; the default is the official constants; it is MART-only."""
+    from rpat.errors import InputError
+    from rpat.objectives import build_objective
+
+    for exact in (False, True):
+        cfg = build_config(None, None, ["method.name=mart", f"method.mart_exact={str(exact).lower()}"]).validate()
+        obj = build_objective(cfg.method.name, cfg.train_threat(), None, None, **cfg.method_options())
+        assert obj.method.exact is exact
+    assert build_config(None, None, ["method.name=mart"]).method.mart_exact is False
+    assert build_config(None, None, ["method.name=trades"]).method_options() == {}
+    with pytest.raises(InputError, match="mart_exact applies to method.name=mart only"):
+        build_config(None, None, ["method.name=trades", "method.mart_exact=true"]).validate()
 
 
 def _js_by_hand(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:

@@ -25,7 +25,7 @@ examples:
 overrides are section.key=value pairs (values parsed as YAML; eps as 8/255):
   data.{dataset,root,download,train_subset,batch_size,augment,val_size,val_seed}  model.{arch,normalize}
   attack.{norm,eps,step_size,steps,strong_after_decay,strong_eps,strong_step_size,strong_steps}
-  method.name  rpat.{enabled,lam,alpha,proxy,start_epoch}  averaging.{enabled,decay,start_epoch}
+  method.{name,mart_exact}  rpat.{enabled,lam,alpha,proxy,start_epoch}  averaging.{enabled,decay,start_epoch}
   rebat.{enabled,beta,target,alpha,start_epoch,beta_growth}
   optim.{epochs,lr,momentum,weight_decay,nesterov,schedule,milestones,gamma}
   eval.{n_examples,eps,step_size,steps,batch_size}  seed  device  log_interval  nonfinite={stop,skip}

@@ -68,6 +68,9 @@ class AttackConfig:
 @dataclass
 class MethodConfig:
     name: str = "pgd_at"
+    #: MART only: the paper's exact log(1 − p) and (1 − p_true) instead of the official code's constants
+    #: log(1.0001 − p + 1e-12) and (1.0000001 − p_true) (rpat.objectives.mart)
+    mart_exact: bool = False
 
 
 @dataclass
@@ -201,6 +204,10 @@ class Config:
         milestones = tuple(self.optim.milestones) if self.optim.schedule == "piecewise" else ()
         return TeacherTerm(r.beta, start, r.target, r.alpha, r.beta_growth, milestones)
 
+    def method_options(self) -> dict[str, Any]:
+        """Keyword options of the base method's constructor (``build_objective(..., **options)``)."""
+        return {"exact": self.method.mart_exact} if self.method.name == "mart" else {}
+
     def eval_threat(self) -> ThreatModel:
         t = self.train_threat()
         e = self.eval
@@ -225,6 +232,8 @@ class Config:
             create_model(self.model.arch)
         if self.method.name not in list_methods():
             raise InputError(f"unknown method {self.method.name!r}; valid: {', '.join(list_methods())}")
+        if self.method.mart_exact and self.method.name != "mart":
+            raise InputError(f"method.mart_exact applies to method.name=mart only, not {self.method.name!r}")
         for where, threat in (("attack", self.train_threat()), ("eval", self.eval_threat())):
             for name in ("eps", "step_size"):
                 if not getattr(threat, name) > 0:

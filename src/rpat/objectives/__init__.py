@@ -28,12 +28,15 @@ def list_methods() -> list[str]:
 
 
 def build_objective(method: str, threat: ThreatModel, rpat: RPATTerm | None = None,
-                    teacher: TeacherTerm | None = None) -> Objective:
-    """``build_objective("pgd_at", threat, RPATTerm())`` -> PGD-AT + RPAT; ``teacher``: ReBAT / RPAT++ term."""
+                    teacher: TeacherTerm | None = None, **options: object) -> Objective:
+    """``build_objective("pgd_at", threat, RPATTerm())`` -> PGD-AT + RPAT; ``teacher``: ReBAT / RPAT++ term.
+
+    ``options`` go to the method's constructor (``Config.method_options()``, e.g. MART's ``exact``).
+    """
     cls = METHODS.get(method)
     if cls is None:
         raise InputError(f"unknown method {method!r}; valid: {', '.join(list_methods())}")
-    return Objective(cls(threat), rpat, teacher)
+    return Objective(cls(threat, **options), rpat, teacher)
 
 
 __all__ = [

@@ -11,6 +11,11 @@ output dimensions. Gradients flow through all three forward passes.
 Convention: ``a`` is measured from the benign image, ``x_mid = x + a·Δ``. The
 authors' code writes the same point as ``r·x + (1 − r)·x_adv``, i.e. ``a = 1 − r``;
 at the default 0.5 both agree.
+
+BatchNorm: R reuses the base loss's train-mode passes (``Forwards``), so PGD-AT + RPAT runs
+x_adv, x and x_mid once each per step (3 running-stat updates); the RPAT release runs x_adv
+a second time for R (4 updates). The loss and its gradient are identical; only the running
+statistics differ (``docs/bn_forwards.md``, ``tests/test_bn_forwards.py``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ over classes and averaged over the batch, β = 6. The training attack maximizes
 ``KL(p(x) ‖ p(x'))`` (p(x) from the eval-mode model, fixed during the attack),
 started at ``x + 0.001·N(0, I)``. The loss's f(x) runs in train mode and is the
 same forward pass RPAT uses as h(x) (``Forwards`` key ``"clean"``).
+
+BatchNorm: rpat runs x and x_adv once each in train mode per step (2 running-stat updates);
+the official TRADES code runs x a second time for the KL target (3 updates). The loss and
+its gradient are identical (a train-mode BatchNorm uses the batch's own statistics); only
+the running statistics, used by the eval-mode attack and by evaluation, differ
+(``docs/bn_forwards.md``, ``tests/test_bn_forwards.py``).
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ class Trainer:
         r = cfg.rpat
         rpat = RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch) if r.enabled else None
         teacher = cfg.teacher_term()
-        self.objective = build_objective(cfg.method.name, cfg.train_threat(), rpat, teacher)
+        self.objective = build_objective(cfg.method.name, cfg.train_threat(), rpat, teacher, **cfg.method_options())
         a = cfg.averaging
         self.averager = WeightAverage(self.model, a.decay, a.start_epoch) if a.enabled else None
         if teacher is not None:

@@ -1,0 +1,338 @@
+"""``rpat eval`` at scale: many checkpoints, reuse, report location, AutoAttack state, --normalize,
+--jobs, the sanity section (skips, gradient-masking flag) and the sweep's AutoAttack version."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import rpat.evaluation.checkpoint_eval as ce
+from rpat.attacks.threat import ThreatModel
+from rpat.cli import main
+from rpat.errors import InputError
+from rpat.evaluation.robustness import RobustnessReport, evaluate_robustness
+from rpat.evaluation.sanity import SANITY_CHECKS, masking_drop, run_sanity_checks
+from rpat.models import create_model
+from rpat.models.normalization import NORMALIZE_PRESETS, add_normalization, parse_normalize
+
+pytest.importorskip("sklearn")  # the 8x8 digits
+
+FAST = ["--arch", "small_cnn", "--dataset", "digits", "--n-examples", "20", "--eps", "32/255",
+        "--step-size", "8/255", "--steps", "3", "--autoattack", "none", "--no-sanity", "--no-progress"]
+#: The engine with per-attack records, APGD-only version, resume and process split (rpat.evaluation.robustness).
+ENGINE = "aa_state" in inspect.signature(evaluate_robustness).parameters
+
+
+def _save_plain(path: Path, seed: int = 0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", num_classes=10, in_chans=1, **kw)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def _counting(monkeypatch) -> list[dict]:
+    """Record every call of the evaluation engine made by ``rpat eval`` (and still run it)."""
+    calls: list[dict] = []
+    real = ce.evaluate_robustness
+
+    @functools.wraps(real)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ce, "evaluate_robustness", counted)
+    return calls
+
+
+# ---- argument checks before any work ---------------------------------------------------
+def test_plain_state_dict_without_arch_fails_before_the_dataset(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "model_test.pt"
+    _save_plain(path)
+
+    def no_data(*a, **k):
+        raise AssertionError("the dataset was touched before the architecture check")
+
+    monkeypatch.setattr(ce, "load_dataset", no_data)
+    code = main(["eval", str(path), "--dataset", "cifar10", "--data-root", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert code == 2 and "plain state_dict" in err and "--arch" in err and "archive" not in err
+    # every checkpoint is checked before the first is evaluated
+    code = main(["eval", str(path), str(tmp_path / "nope.pt"), *FAST])
+    assert code == 2 and "nope.pt" in capsys.readouterr().err
+    code = main(["eval", str(path), str(path), *FAST, "--out", str(tmp_path / "r.json")])
+    assert code == 2 and "--out names one report" in capsys.readouterr().err
+
+
+# ---- where the report goes --------------------------------------------------------------
+def test_report_location(tmp_path, monkeypatch, capsys):
+    run, plain, cwd = tmp_path / "run", tmp_path / "share", tmp_path / "cwd"
+    for d in (run, plain, cwd):
+        d.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    _save_plain(run / "best.pt")
+    _save_plain(plain / "model_test.pt")
+    monkeypatch.chdir(cwd)
+    assert ce.report_path_for(run / "best.pt") == run / "best.eval.json"
+    assert ce.report_path_for(plain / "model_test.pt") == cwd / "model_test.eval.json"
+    assert ce.report_path_for(plain / "model_test.pt", out="x.json") == Path("x.json")
+    assert main(["eval", str(run / "best.pt"), str(plain / "model_test.pt"), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {run / 'best.eval.json'}" in out and f"wrote {cwd / 'model_test.eval.json'}" in out
+    assert not (plain / "model_test.eval.json").exists()
+    # one table, one row per checkpoint
+    assert out.count("| model") == 1 and str(run / "best.pt") in out and str(plain / "model_test.pt") in out
+    if os.geteuid() != 0:  # root writes anywhere
+        run.chmod(0o555)
+        try:
+            assert ce.report_path_for(run / "best.pt") == cwd / "best.eval.json"
+        finally:
+            run.chmod(0o755)
+
+
+# ---- reuse ----------------------------------------------------------------------------
+def test_reports_with_the_same_settings_are_reused_not_recomputed(tmp_path, monkeypatch, capsys):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    _save_plain(a, seed=0)
+    _save_plain(b, seed=1)
+    monkeypatch.chdir(tmp_path)
+    calls = _counting(monkeypatch)
+    assert main(["eval", str(a), str(b), *FAST]) == 0
+    assert len(calls) == 2
+    ra, rb = tmp_path / "a.eval.json", tmp_path / "b.eval.json"
+    first = capsys.readouterr().out
+    stamp = ra.stat().st_mtime_ns
+    rb.unlink()
+    assert main(["eval", str(tmp_path / "*.pt"), *FAST, "--batch-size", "7"]) == 0  # a glob; batch size is no setting
+    out = capsys.readouterr().out
+    assert len(calls) == 3 and f"reused {ra}" in out and f"reused {rb}" not in out
+    assert ra.stat().st_mtime_ns == stamp
+    rep_a = json.loads(ra.read_text())
+    assert rep_a["settings"]["autoattack"] == "none" and rep_a["settings"]["n_examples"] == 20
+    assert first.splitlines()[-1] in out  # the same row for a, reused
+    # another setting, another checkpoint file, or --force: recomputed
+    assert main(["eval", str(a), *FAST, "--steps", "4"]) == 0
+    assert len(calls) == 4
+    _save_plain(a, seed=2)
+    assert main(["eval", str(a), *FAST, "--steps", "4"]) == 0
+    assert len(calls) == 5
+    assert main(["eval", str(a), *FAST, "--steps", "4", "--force"]) == 0
+    assert len(calls) == 6
+    # a report without the sanity section does not satisfy a request for it
+    assert main(["eval", str(a), *[f for f in FAST if f != "--no-sanity"], "--steps", "4"]) == 0
+    assert len(calls) == 7 and "sanity" in json.loads(ra.read_text())
+    capsys.readouterr()
+
+
+# ---- AutoAttack state beside the report -----------------------------------------------------
+def test_autoattack_state_is_passed_announced_and_removed(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "m.pt"
+    _save_plain(path)
+    out = tmp_path / "r.json"
+    state = ce.aa_state_path(out)
+    assert state == tmp_path / "r.aa-state.json"
+    state.write_text("{}")
+    (tmp_path / "r.aa-state.pt").write_bytes(b"x")
+    seen = {}
+
+    def fake(model, x, y, threat, *, autoattack=True, batch_size=500, device="cpu", seed=0, progress=True,
+             log=None, aa_state=None):
+        seen.update(autoattack=autoattack, aa_state=aa_state)
+        per = [{"attack": "clean", "robust": 50.0, "n_robust": 10, "seconds": 0.0},
+               {"attack": "apgd-ce", "robust": 30.0, "n_robust": 6, "seconds": 1.0},
+               {"attack": "apgd-t", "robust": 25.0, "n_robust": 5, "seconds": 2.0},
+               {"attack": "fab-t", "robust": 25.0, "n_robust": 5, "seconds": 3.0},
+               {"attack": "square", "robust": 20.0, "n_robust": 4, "seconds": 4.0}]
+        return RobustnessReport(clean=50.0, pgd=30.0, aa=20.0, mean=35.0, nrr=28.57, n_examples=20,
+                                threat=threat.describe(), pgd_steps=threat.steps, seconds=1.0,
+                                extras={"aa_version": "standard", "aa_per_attack": per, "aa_resumed": True})
+
+    monkeypatch.setattr(ce, "evaluate_robustness", fake)
+    args = [a for a in FAST if a not in ("--autoattack", "none", "--no-sanity")]
+    assert main(["eval", str(path), *args, "--no-sanity", "--out", str(out)]) == 0
+    o, err = capsys.readouterr()
+    assert seen == {"autoattack": "standard", "aa_state": state}
+    assert f"resuming AutoAttack from {state}" in o and "continued from the saved state" in o
+    assert not state.exists() and not (tmp_path / "r.aa-state.pt").exists()
+    rep = json.loads(out.read_text())
+    assert [r["attack"] for r in rep["aa_per_attack"]] == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert "gradient masking" in err  # 25% after APGD-T, 20% in the end
+    # with the sanity checks, the flag is in the sanity section
+    assert main(["eval", str(path), *args, "--out", str(out), "--force"]) == 0
+    o, err = capsys.readouterr()
+    san = json.loads(out.read_text())["sanity"]
+    assert "late_attacks" in san["failed"] and san["checks"]["late_attacks"]["drop"] == pytest.approx(5.0)
+    assert "sanity check late_attacks failed" in err and "gradient masking" in err
+    assert "sanity checks on 20 images" in o and "FAILED (late_attacks)" in o
+
+
+# ---- the sanity section ------------------------------------------------------------------
+def _tiny_model_and_data():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_chans=1).eval()
+    x = torch.rand(16, 1, 8, 8)
+    return model, x, torch.randint(0, 10, (16,))
+
+
+PER_ATTACK = [{"attack": "clean", "robust": 60.0}, {"attack": "apgd-ce", "robust": 45.0},
+              {"attack": "apgd-t", "robust": 44.0}, {"attack": "fab-t", "robust": 43.0},
+              {"attack": "square", "robust": 41.5}]
+
+
+def test_masking_flag_from_a_synthetic_per_attack_list():
+    model, x, y = _tiny_model_and_data()
+    threat = ThreatModel("linf", 8 / 255, 2 / 255, 2)
+    report = {"clean": 60.0, "pgd": 46.0, "aa": 41.5, "n_examples": 1000, "extras": {"aa_per_attack": PER_ATTACK}}
+    assert masking_drop(report) == pytest.approx(2.5)
+    warnings, lines = [], []
+    res = run_sanity_checks(model, x, y, threat, report=report, warn=warnings.append, log=lines.append)
+    assert res["failed"] == ["late_attacks"] or "late_attacks" in res["failed"]
+    assert res["checks"]["late_attacks"]["drop"] == pytest.approx(2.5)
+    assert any("late_attacks" in w and "gradient masking" in w for w in warnings)
+    clean_run = [*PER_ATTACK[:3], {"attack": "fab-t", "robust": 44.0}, {"attack": "square", "robust": 44.0}]
+    report["extras"] = {"aa_per_attack": clean_run}
+    report["aa"] = 44.0
+    assert masking_drop(report) == 0
+    res = run_sanity_checks(model, x, y, threat, report=report)
+    assert "late_attacks" not in res["failed"] and not res["checks"]["late_attacks"].get("skipped")
+    # the APGD-only version has nothing after APGD-T: the check is skipped, not failed
+    report["extras"] = {"aa_per_attack": PER_ATTACK[:3]}
+    assert masking_drop(report) is None
+
+
+def test_sanity_skips_what_cannot_inform_and_reports_its_cost():
+    model, x, y = _tiny_model_and_data()
+    threat = ThreatModel("linf", 8 / 255, 2 / 255, 2)
+    lines: list[str] = []
+    res = run_sanity_checks(model, x, y, threat, report={"clean": 12.0, "pgd": 0.5, "aa": 0.0, "n_examples": 16},
+                            log=lines.append)
+    assert set(res["checks"]) == set(SANITY_CHECKS)
+    assert {"large_eps", "more_steps", "late_attacks"} <= set(res["skipped"])
+    assert "already 0.50% <= 1%" in res["checks"]["large_eps"]["detail"]
+    assert "accuracy" not in res["checks"]["large_eps"]  # not run
+    assert len(lines) == len(SANITY_CHECKS) and all(line.startswith("sanity ") for line in lines)
+    assert all(c["seconds"] >= 0 for c in res["checks"].values()) and res["seconds"] >= 0
+    res = run_sanity_checks(model, x, y, threat, report={"clean": 12.0, "pgd": 6.0, "aa": 5.0, "n_examples": 16})
+    assert "large_eps" not in res["skipped"] and "accuracy" in res["checks"]["large_eps"]
+
+
+# ---- --normalize ------------------------------------------------------------------------------
+def test_parse_and_add_normalization():
+    assert parse_normalize("cifar10") == NORMALIZE_PRESETS["cifar10"]
+    mean, std = parse_normalize("0.4914,0.4822,0.4465/0.2471,0.2435,0.2616")
+    assert mean == (0.4914, 0.4822, 0.4465) and std == (0.2471, 0.2435, 0.2616)
+    for bad in ("cifar", "0.5/0.2,0.3", "a/b", "0.5/0"):
+        with pytest.raises(InputError, match="--normalize"):
+            parse_normalize(bad)
+    model = create_model("small_cnn", num_classes=10, in_chans=1)
+    assert add_normalization(model, (0.3,), (0.4,)) is model and model.normalize.enabled
+    with pytest.raises(InputError, match="already normalizes"):
+        add_normalization(model, (0.3,), (0.4,))
+    with pytest.raises(InputError, match="channel"):
+        add_normalization(create_model("small_cnn", num_classes=10, in_chans=1), (0.1, 0.2, 0.3), (1, 1, 1))
+    wrapped = add_normalization(nn.Flatten(), (0.5,), (0.25,))
+    assert torch.allclose(wrapped(torch.ones(1, 1, 2, 2)), torch.full((1, 4), 2.0))
+
+
+def test_normalize_flag_matches_the_normalized_model(tmp_path, capsys):
+    from rpat.data import evaluation_subset, load_dataset
+
+    mean, std = (0.3053,), (0.3759,)
+    train = load_dataset("digits", "data", "train")
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_chans=1, mean=mean, std=std)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = train.images.float() / 255, train.labels
+    for _ in range(2):
+        for i in range(0, len(xt), 64):
+            loss = nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    path = tmp_path / "normalized.pt"
+    torch.save(model.state_dict(), path)  # a plain state_dict that expects (x - mean) / std
+    args = [a if a != "20" else "100" for a in FAST]
+    assert main(["eval", str(path), *args, "--normalize", "0.3053/0.3759", "--out", str(tmp_path / "n.json")]) == 0
+    assert main(["eval", str(path), *args, "--out", str(tmp_path / "raw.json")]) == 0
+    capsys.readouterr()
+    with_norm = json.loads((tmp_path / "n.json").read_text())
+    without = json.loads((tmp_path / "raw.json").read_text())
+    test = evaluation_subset("digits", load_dataset("digits", "data", "test"), 100)
+    ref = evaluate_robustness(model, test.images.float() / 255, test.labels, ThreatModel("linf", 32 / 255, 8 / 255, 3),
+                              autoattack=False, seed=0, progress=False)
+    assert (with_norm["clean"], with_norm["pgd"]) == (ref.clean, ref.pgd)
+    assert with_norm["clean"] > 80 and without["clean"] != with_norm["clean"]
+    assert with_norm["settings"]["normalize"] == {"mean": [0.3053], "std": [0.3759]}
+
+
+# ---- --jobs ----------------------------------------------------------------------------------
+def test_jobs_2_gives_the_numbers_of_one_process(tmp_path):
+    path = tmp_path / "m.pt"
+    _save_plain(path)
+    aa = "apgd" if ENGINE else "none"
+    args = [a if a != "none" else aa for a in FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}.json"
+        p = subprocess.run([sys.executable, "-m", "rpat", "eval", str(path), *args, "--jobs", str(jobs), "--out",
+                            str(out), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("| model") == 1 and p.stdout.count("wrote ") == 1  # rank 0 alone prints
+        runs[jobs] = json.loads(out.read_text())
+    assert "2 processes x 1 thread(s)" in p.stderr
+    for key in ("clean", "pgd", "aa", "n_examples"):
+        assert runs[1][key] == runs[2][key], key
+    if ENGINE:
+        assert runs[2]["aa"] is not None and runs[2]["extras"]["aa_version"] == "apgd"
+
+
+def test_jobs_refused_under_torchrun(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "m.pt"
+    _save_plain(path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["eval", str(path), *FAST, "--jobs", "2"]) == 2
+    assert "under torchrun" in capsys.readouterr().err
+
+
+# ---- sweep: the AutoAttack version -----------------------------------------------------------
+def test_sweep_keeps_apgd_out_of_the_aa_column(tmp_path):
+    from rpat.config import build_config
+    from rpat.sweep import SweepRun, gather, is_finished, to_csv, to_markdown
+
+    cfg = build_config("digits_demo", None, [])
+    runs = [SweepRun("std", cfg), SweepRun("quick", cfg)]
+    for run, version, aa in (("std", "standard", 40.0), ("quick", "apgd", 45.0)):
+        d = tmp_path / run
+        d.mkdir()
+        (d / "final.pt").write_bytes(b"")
+        for which in ("best", "final"):
+            (d / f"eval_{which}.json").write_text(json.dumps({
+                "clean": 80.0, "pgd": 50.0, "aa": aa, "mean": (80 + aa) / 2, "nrr": 1.0,
+                "sweep": {"n_examples": 10, "autoattack": version}}))
+    rows = gather(runs, tmp_path)
+    assert rows[0]["AA (best)"] == 40.0 and "AA(APGD) (best)" not in rows[0]
+    assert rows[1]["AA(APGD) (best)"] == 45.0 and "AA (best)" not in rows[1]
+    md = to_markdown(rows)
+    header = md.splitlines()[0].split(" | ")
+    assert "AA (best)" in header and "AA(APGD) (best)" in header and "Mean(APGD) (final)" in header
+    assert "AA(APGD) (final)" in to_csv(rows).splitlines()[0]
+    only_apgd = to_markdown(rows[1:]).splitlines()[0]
+    assert "AA(APGD) (best)" in only_apgd and "| AA (best)" not in only_apgd
+    # the skip logic notices the version (and reads older sweeps' True/False)
+    assert is_finished(tmp_path / "quick", 10, "apgd") and not is_finished(tmp_path / "quick", 10, "standard")
+    assert is_finished(tmp_path / "std", 10, True) and not is_finished(tmp_path / "std", 10, "apgd")
+    legacy = tmp_path / "std" / "eval_best.json"
+    legacy.write_text(json.dumps({"aa": 40.0, "sweep": {"n_examples": 10, "autoattack": True}}))
+    assert is_finished(tmp_path / "std", 10, "standard")

@@ -50,16 +50,18 @@ examples:
   rpat eval runs/pgdat/best.pt --jobs 2 --device cpu        # split the images over 2 CPU processes
   torchrun --nproc-per-node 4 -m rpat eval runs/pgdat/best.pt   # split over 4 GPUs
 
-phases and what they cost (each on the images still correct after the one before):
+phases and what they cost:
   clean        one forward pass per image
   PGD-20       20 forward + backward passes per image
   AutoAttack   --autoattack standard (default; the number papers report): APGD-CE (100 iterations),
-               APGD-T (9 target classes x 100 iterations), FAB-T (9 targets), Square (5,000 queries).
-               On a CPU this takes minutes per 1,000 images even for a small CNN (small_cnn on 1,000
-               CIFAR-10 images, 1 thread: 17-27 min with PGD-20, docs/baselines_cpu.md).
+               APGD-T (9 target classes x 100 iterations), FAB-T (9 targets), Square (5,000 queries),
+               each on the images the attacks before it did not break. On a CPU this takes minutes per
+               1,000 images even for a small CNN (small_cnn on 1,000 CIFAR-10 images, 1 thread: 17-27 min
+               with PGD-20, docs/baselines_cpu.md).
                --autoattack apgd: APGD-CE + APGD-T only, reported as AA(APGD), never as AA: the cheaper
-               monitoring variant (on the demo's digits model FAB-T and Square took 15 of AutoAttack's
-               16 minutes). --autoattack none (or --no-autoattack): no AA, Mean, NRR.
+               monitoring variant (on the demo's digits model, measured on a busy 2-core CPU, FAB-T and
+               Square took 15 of AutoAttack's 16 minutes). --autoattack none (or --no-autoattack): no
+               AA, Mean, NRR.
   sanity       extra time on top (default on; --no-sanity skips it): on 200 images, eval mode,
                determinism, PGD with eps=0, AA <= PGD <= Clean, PGD with an eps covering the whole image
                and PGD with twice the steps (together about 4x the PGD-20 cost on 200 images; the last

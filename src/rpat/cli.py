@@ -374,7 +374,7 @@ def _eval(args: argparse.Namespace) -> int:
         _, settings = eval_settings(c, arch=args.arch, dataset=args.dataset, n_examples=args.n_examples,
                                     autoattack=args.autoattack, norm=args.norm, eps=args.eps,
                                     step_size=args.step_size, steps=args.steps, seed=args.seed,
-                                    normalize=args.normalize)
+                                    normalize=args.normalize, batch_size=args.batch_size)
         plans.append((c, settings, report_path_for(c, args.out)))
     outs = [o.resolve() for _, _, o in plans]
     dup = next((o for o in outs if outs.count(o) > 1), None)
@@ -398,6 +398,8 @@ def _eval(args: argparse.Namespace) -> int:
         for i, (c, settings, out) in enumerate(plans):
             if i in reused:
                 say(f"reused {out} ({c}: same checkpoint and settings; --force recomputes)")
+                if "sanity" in reused[i]:
+                    say(summarize(reused[i]["sanity"]))
                 rows.append((c, reused[i]))
                 continue
             state = aa_state_path(out) if settings["autoattack"] != "none" else None

@@ -128,18 +128,21 @@ def eval_settings(
     steps: int = 20,
     seed: int = 0,
     normalize: str | None = None,
+    batch_size: int = 500,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check the arguments and describe the evaluation, without touching the dataset.
 
     Loads the checkpoint only (a plain state_dict without ``arch`` fails here,
     before any dataset is read). Returns ``(checkpoint dict, settings)``; two
-    evaluations with equal settings give the same numbers (the batch size does
-    not enter: it changes no result), so :func:`reusable_report` may reuse one.
+    evaluations with equal settings give the same numbers, so
+    :func:`reusable_report` may reuse one. The batch size is a setting:
+    AutoAttack seeds per batch, so another batch size gives another (equally
+    valid) result.
     """
     if n_examples is not None and n_examples < 1:
         raise InputError(f"--n-examples must be >= 1, got {n_examples}")
-    if steps < 1:
-        raise InputError(f"--steps must be >= 1, got {steps}")
+    if steps < 1 or batch_size < 1:
+        raise InputError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     version = aa_version(autoattack)
     from ..checkpoint import load_checkpoint
     from ..models import resolve_model_name
@@ -157,7 +160,7 @@ def eval_settings(
         "checkpoint": checkpoint_identity(path), "arch": arch_name, "dataset": ds_name,
         "n_examples": n_examples, "threat": {"norm": threat.norm, "eps": threat.eps,
                                              "step_size": threat.step_size, "steps": threat.steps},
-        "seed": seed, "autoattack": version,
+        "seed": seed, "autoattack": version, "batch_size": batch_size,
         "normalize": {"mean": list(stats[0]), "std": list(stats[1])} if stats else None,
     }
     return raw, settings
@@ -225,7 +228,7 @@ def evaluate_checkpoint(
     """
     raw, settings = eval_settings(path, arch=arch, dataset=dataset, n_examples=n_examples, autoattack=autoattack,
                                   norm=norm, eps=eps, step_size=step_size, steps=steps, seed=seed,
-                                  normalize=normalize)
+                                  normalize=normalize, batch_size=batch_size)
     version = settings["autoattack"]
     takes_state = _engine_takes_state()
     if version == "apgd" and not takes_state:

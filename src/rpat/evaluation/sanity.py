@@ -260,13 +260,13 @@ def run_sanity_checks(
 
 def summarize(result: dict[str, Any]) -> str:
     """One line: what the sanity checks found and what they cost."""
-    checks = result["checks"]
-    ran = len(checks) - len(result["skipped"])
+    skipped = result.get("skipped", [])  # reports written before skipping existed lack the key
+    ran = len(result["checks"]) - len(skipped)
     head = f"sanity checks on {result['n_examples']} images, {result['seconds']:.1f} s: "
     if result["failed"]:
         head += f"{len(result['failed'])} of {ran} FAILED ({', '.join(result['failed'])})"
     else:
         head += f"all {ran} passed"
-    if result["skipped"]:
-        head += f"; skipped {', '.join(result['skipped'])}"
+    if skipped:
+        head += f"; skipped {', '.join(skipped)}"
     return head

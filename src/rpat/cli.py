@@ -412,6 +412,7 @@ def _eval(args: argparse.Namespace) -> int:
                 c, arch=args.arch, dataset=args.dataset, data_root=args.data_root, n_examples=args.n_examples,
                 autoattack=args.autoattack, norm=args.norm, eps=args.eps, step_size=args.step_size,
                 steps=args.steps, batch_size=args.batch_size, device=device, seed=args.seed, progress=progress,
+                # the sanity checks run on rank 0 only; the other ranks wait for it at the next barrier
                 log=log, sanity=sanity and main_rank, warn=lambda m: print(m, file=sys.stderr),
                 normalize=args.normalize, aa_state=state,
             )

@@ -7,8 +7,10 @@ import functools
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,67 @@ def test_autoattack_state_is_passed_announced_and_removed(tmp_path, monkeypatch,
     assert "sanity checks on 20 images" in o and "FAILED (late_attacks)" in o
 
 
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+@pytest.mark.skipif(not ENGINE, reason="needs the resumable per-attack AutoAttack engine")
+def test_killed_eval_resumes_from_the_last_finished_attack(tmp_path, capsys):
+    """``rpat eval`` killed inside APGD-T; the same command continues after APGD-CE, with the uninterrupted numbers."""
+    path = tmp_path / "m.pt"
+    _save_plain(path)
+    args = [str(path), *[a if a != "none" else "apgd" for a in FAST], "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child process
+    try:
+        assert main(["eval", *args, "--out", str(tmp_path / "whole.json")]) == 0
+        out = tmp_path / "r.json"
+        state = ce.aa_state_path(out)
+        child = subprocess.Popen([sys.executable, "-m", "rpat", "eval", *args, "--out", str(out)], env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline, done = time.monotonic() + 120, []
+        try:
+            while time.monotonic() < deadline and child.poll() is None:
+                if state.is_file():
+                    try:
+                        done = json.loads(state.read_text())["done"]
+                    except (ValueError, KeyError):
+                        done = []
+                    if "apgd-ce" in done:
+                        break
+                time.sleep(0.02)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            err = child.communicate(timeout=60)[1]
+        assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        assert done == ["clean", "apgd-ce"] and not out.exists()
+        saved = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name.startswith("r.aa-state")}
+        capsys.readouterr()
+        assert main(["eval", *args, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    o, _ = capsys.readouterr()
+    assert f"resuming AutoAttack from {state}" in o and "continued from the saved state" in o
+    assert not any(f.name.startswith("r.aa-state") for f in tmp_path.iterdir())  # removed once written
+    whole, resumed = (json.loads((tmp_path / n).read_text()) for n in ("whole.json", "r.json"))
+    assert resumed["extras"]["aa_resumed"] and not whole["extras"]["aa_resumed"]
+    assert (resumed["clean"], resumed["pgd"], resumed["aa"]) == (whole["clean"], whole["pgd"], whole["aa"])
+    assert ([r["n_robust"] for r in resumed["aa_per_attack"]] == [r["n_robust"] for r in whole["aa_per_attack"]])
+    # a state left by a killed run with other settings (here: the seed) is discarded, not an error
+    for name, data in saved.items():
+        (tmp_path / name).write_bytes(data)
+    torch.set_num_threads(1)
+    try:
+        assert main(["eval", *args, "--out", str(out), "--seed", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    o, _ = capsys.readouterr()
+    assert f"discarding {state}" in o and json.loads(out.read_text())["settings"]["seed"] == 1
+    assert not any(f.name.startswith("r.aa-state") for f in tmp_path.iterdir())
+
+
 # ---- the sanity section ------------------------------------------------------------------
 def _tiny_model_and_data():
     torch.manual_seed(0)
@@ -284,10 +347,8 @@ def test_jobs_2_gives_the_numbers_of_one_process(tmp_path, capsys):
     _save_plain(path)
     aa = "apgd" if ENGINE else "none"
     args = [str(path), *[a if a != "none" else aa for a in FAST], "--batch-size", "8", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-m", "rpat", "eval", *args, "--jobs", "2", "--out", str(tmp_path / "j2.json")],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       capture_output=True, text=True, env=_env(), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 processes x 1 thread(s)" in p.stderr
     assert p.stdout.count("| model") == 1 and p.stdout.count("wrote ") == 1  # rank 0 alone prints

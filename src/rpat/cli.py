@@ -347,6 +347,8 @@ def _relaunch_jobs(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import functools
+
     from .evaluation.checkpoint_eval import (
         aa_state_path,
         eval_settings,
@@ -408,14 +410,25 @@ def _eval(args: argparse.Namespace) -> int:
             distributed.barrier(ctx)
             if state is not None and state.is_file():
                 say(f"resuming AutoAttack from {state}", flush=True)
-            report, info = evaluate_checkpoint(
-                c, arch=args.arch, dataset=args.dataset, data_root=args.data_root, n_examples=args.n_examples,
-                autoattack=args.autoattack, norm=args.norm, eps=args.eps, step_size=args.step_size,
-                steps=args.steps, batch_size=args.batch_size, device=device, seed=args.seed, progress=progress,
+            run = functools.partial(
+                evaluate_checkpoint, c, arch=args.arch, dataset=args.dataset, data_root=args.data_root,
+                n_examples=args.n_examples, autoattack=args.autoattack, norm=args.norm, eps=args.eps,
+                step_size=args.step_size, steps=args.steps, batch_size=args.batch_size, device=device,
+                seed=args.seed, progress=progress, log=log, normalize=args.normalize, aa_state=state,
                 # the sanity checks run on rank 0 only; the other ranks wait for it at the next barrier
-                log=log, sanity=sanity and main_rank, warn=lambda m: print(m, file=sys.stderr),
-                normalize=args.normalize, aa_state=state,
+                sanity=sanity and main_rank, warn=lambda m: print(m, file=sys.stderr),
             )
+            try:
+                report, info = run()
+            except InputError as e:  # a state left by a killed run with other settings: this report replaces it
+                if state is None or "written for other settings" not in str(e):
+                    raise
+                say(f"discarding {state}: it was saved by an evaluation with other settings", flush=True)
+                distributed.barrier(ctx)  # every rank has failed to load it before it goes
+                if main_rank:
+                    remove_aa_state(out)
+                distributed.barrier(ctx)
+                report, info = run()
             if not main_rank:
                 continue
             result = {**info, **report.to_dict()}

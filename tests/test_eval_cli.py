@@ -406,3 +406,26 @@ def test_sweep_keeps_apgd_out_of_the_aa_column(tmp_path):
     legacy = tmp_path / "std" / "eval_best.json"
     legacy.write_text(json.dumps({"aa": 40.0, "sweep": {"n_examples": 10, "autoattack": True}}))
     assert is_finished(tmp_path / "std", 10, "standard")
+
+
+def test_a_stale_state_is_discarded_for_sweeps_and_train_eval(tmp_path, monkeypatch):
+    report = tmp_path / "eval_best.json"
+    state = ce.aa_state_path(report)
+    state.write_text("{}")
+    (tmp_path / f"{state.name}.1.pt").write_bytes(b"x")
+    seen: list = []
+
+    def fake(path, *, aa_state=None, **kw):
+        seen.append(aa_state)
+        if aa_state is not None and Path(aa_state).exists():
+            raise InputError(f"the AutoAttack state {aa_state} was {ce.STALE_STATE} (differs in: seed)")
+        return "report", {}
+
+    monkeypatch.setattr(ce, "evaluate_checkpoint", fake)
+    said: list[str] = []
+    assert ce.evaluate_for_report("best.pt", report, say=said.append, autoattack="standard") == ("report", {})
+    assert seen == [state, state] and said == [f"discarding {state}: it was saved by an evaluation with other settings"]
+    assert list(tmp_path.iterdir()) == []
+    seen.clear()
+    ce.evaluate_for_report("best.pt", report, autoattack="none")
+    assert seen == [None]

@@ -273,15 +273,15 @@ def _train(args: argparse.Namespace) -> int:
     print(f"done: best held-out PGD {summary['best_held_out_pgd']:.2f} at epoch {summary['best_epoch']}; "
           f"checkpoints in {run_dir}")
     if args.eval:
-        from .evaluation.checkpoint_eval import aa_state_path, evaluate_checkpoint, remove_aa_state
+        from .evaluation.checkpoint_eval import evaluate_for_report, remove_aa_state
         from .evaluation.robustness import format_table
 
         rows = []
         for which in ("best", "final"):
             out = run_dir / f"eval_{which}.json"
-            report, info = evaluate_checkpoint(run_dir / f"{which}.pt", n_examples=args.n_examples,
+            report, info = evaluate_for_report(run_dir / f"{which}.pt", out, say=print, n_examples=args.n_examples,
                                                autoattack=args.autoattack, device=trainer.cfg.device,
-                                               progress=progress, aa_state=aa_state_path(out))
+                                               progress=progress)
             result = {**info, **report.to_dict()}
             out.write_text(json.dumps(result, indent=2) + "\n")
             remove_aa_state(out)
@@ -350,6 +350,7 @@ def _eval(args: argparse.Namespace) -> int:
     import functools
 
     from .evaluation.checkpoint_eval import (
+        STALE_STATE,
         aa_state_path,
         eval_settings,
         evaluate_checkpoint,
@@ -421,7 +422,7 @@ def _eval(args: argparse.Namespace) -> int:
             try:
                 report, info = run()
             except InputError as e:  # a state left by a killed run with other settings: this report replaces it
-                if state is None or "written for other settings" not in str(e):
+                if state is None or STALE_STATE not in str(e):
                     raise
                 say(f"discarding {state}: it was saved by an evaluation with other settings", flush=True)
                 distributed.barrier(ctx)  # every rank has failed to load it before it goes

@@ -230,7 +230,7 @@ def train_and_evaluate(
     log: Callable[[str], None] = print,
 ) -> str:
     """Train (or resume, or skip) one run, then evaluate best.pt and final.pt. Returns what it did."""
-    from .evaluation.checkpoint_eval import aa_state_path, evaluate_checkpoint, remove_aa_state
+    from .evaluation.checkpoint_eval import aa_state_path, evaluate_for_report, remove_aa_state
     from .training import Trainer
 
     run_dir = out / run.name
@@ -253,10 +253,11 @@ def train_and_evaluate(
         if which == "final" and "best" in reports and _same_weights(run_dir / "best.pt", ckpt):
             result = {**reports["best"], "checkpoint": str(ckpt), "same_weights_as": "best"}
         else:
-            state = aa_state_path(path)
-            log(f"[{run.name}] evaluating {which}.pt" + (" (resuming AutoAttack)" if state.is_file() else ""))
-            report, info = evaluate_checkpoint(ckpt, n_examples=n_examples, autoattack=_version(autoattack),
-                                               device=dev, progress=progress, aa_state=state)
+            resuming = aa_state_path(path).is_file()
+            log(f"[{run.name}] evaluating {which}.pt" + (" (resuming AutoAttack)" if resuming else ""))
+            report, info = evaluate_for_report(ckpt, path, say=lambda m: log(f"[{run.name}] {m}"),
+                                               n_examples=n_examples, autoattack=_version(autoattack),
+                                               device=dev, progress=progress)
             result = {**info, **report.to_dict()}
         result["sweep"] = {"n_examples": n_examples, "autoattack": _version(autoattack)}
         reports[which] = result

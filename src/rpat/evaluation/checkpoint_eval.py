@@ -272,3 +272,28 @@ def evaluate_checkpoint(
                                            batch_size=min(batch_size, 200), device=dev, seed=seed, warn=warn,
                                            log=log)
     return report, info
+
+
+#: How the AutoAttack engine words a saved state that belongs to other settings.
+STALE_STATE = "written for other settings"
+
+
+def evaluate_for_report(path: str | Path, report_path: str | Path, *, say=None,
+                        **kwargs: Any) -> tuple[RobustnessReport, dict[str, Any]]:
+    """:func:`evaluate_checkpoint` with AutoAttack's resume state beside ``report_path`` (one process).
+
+    A state saved by an interrupted run with the same settings is continued; one
+    saved with other settings is deleted (``say`` is told) and the run starts over,
+    since the new report replaces the one that state was for. The caller writes the
+    report, then calls :func:`remove_aa_state`.
+    """
+    state = aa_state_path(report_path) if aa_version(kwargs.get("autoattack", True)) != "none" else None
+    try:
+        return evaluate_checkpoint(path, aa_state=state, **kwargs)
+    except InputError as e:
+        if state is None or STALE_STATE not in str(e):
+            raise
+        if say is not None:
+            say(f"discarding {state}: it was saved by an evaluation with other settings")
+        remove_aa_state(report_path)
+        return evaluate_checkpoint(path, aa_state=state, **kwargs)

@@ -41,9 +41,38 @@ SIGINT (Ctrl-C) or SIGTERM stops training at once; last.pt keeps the last finish
 EXAMPLES_EVAL = """\
 examples:
   rpat eval runs/pgdat/best.pt                      # dataset and threat model from the checkpoint
+  rpat eval runs/*/best.pt --n-examples 1000        # one table; reports with the same settings are reused
   rpat eval runs/pgdat/final.pt --n-examples 1000 --out final.json
   rpat eval model_test.pt --arch resnet18 --dataset cifar10 --data-root data
+  rpat eval public.pt --arch wrn34_10 --normalize cifar10   # a checkpoint that expects normalized input
   rpat eval runs/l2/best.pt --norm l2 --eps 128/255 --step-size 32/255
+  rpat eval runs/pgdat/best.pt --autoattack apgd    # quick monitoring number, labelled AA(APGD)
+  rpat eval runs/pgdat/best.pt --jobs 2 --device cpu        # split the images over 2 CPU processes
+  torchrun --nproc-per-node 4 -m rpat eval runs/pgdat/best.pt   # split over 4 GPUs
+
+phases and what they cost:
+  clean        one forward pass per image
+  PGD-20       20 forward + backward passes per image
+  AutoAttack   --autoattack standard (default; the number papers report): APGD-CE (100 iterations),
+               APGD-T (9 target classes x 100 iterations), FAB-T (9 targets), Square (5,000 queries),
+               each on the images the attacks before it did not break. On a CPU this takes minutes per
+               1,000 images even for a small CNN (small_cnn on 1,000 CIFAR-10 images, 1 thread: 17-27 min
+               with PGD-20, docs/baselines_cpu.md).
+               --autoattack apgd: APGD-CE + APGD-T only, reported as AA(APGD), never as AA: the cheaper
+               monitoring variant (on the demo's digits model, measured on a busy 2-core CPU, FAB-T and
+               Square took 15 of AutoAttack's 16 minutes). --autoattack none (or --no-autoattack): no
+               AA, Mean, NRR.
+  sanity       extra time on top (default on; --no-sanity skips it): on 200 images, eval mode,
+               determinism, PGD with eps=0, AA <= PGD <= Clean, PGD with an eps covering the whole image
+               and PGD with twice the steps (together about 4x the PGD-20 cost on 200 images; the last
+               two are skipped when PGD accuracy is already <= 1%), and whether FAB-T/Square broke
+               images APGD missed (a sign of gradient masking). One line per check, total seconds in
+               the JSON ('sanity').
+
+the report (JSON) goes next to the checkpoint when that folder is a writable run directory
+(config.yaml/meta.json), else into the working directory; the path is printed. AutoAttack's state
+is kept beside it (<report>.aa-state.json) while it runs: run the same command again after a kill
+and it continues from the last finished attack; the state is removed once the report is written.
 """
 
 
@@ -72,20 +101,34 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_autoattack(p: argparse.ArgumentParser, default: str = "standard") -> None:
+    p.add_argument("--autoattack", choices=["standard", "apgd", "none"], default=default,
+                   help="standard (default): APGD-CE, APGD-T (9 targets x 100 its), FAB-T, Square (5,000 "
+                   "queries), minutes per 1,000 images on a CPU; apgd: APGD-CE + APGD-T only, the cheaper "
+                   "monitoring variant, reported as AA(APGD); none: no AutoAttack")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: Clean, PGD-20, AutoAttack, Mean, NRR",
-                       description="Evaluate a checkpoint like the paper: Clean, PGD-20, AutoAttack "
-                       "(standard), Mean = (Clean+AA)/2 and NRR = 2*Clean*AA/(Clean+AA), in percent.",
+    p = sub.add_parser("eval", help="evaluate checkpoints: Clean, PGD-20, AutoAttack, Mean, NRR",
+                       description="Evaluate checkpoints like the paper: Clean, PGD-20, AutoAttack "
+                       "(standard), Mean = (Clean+AA)/2 and NRR = 2*Clean*AA/(Clean+AA), in percent; "
+                       "one table, one row per checkpoint, plus the robust accuracy after each attack.",
                        epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="an rpat checkpoint (best.pt, final.pt) or a plain state_dict")
+    p.add_argument("checkpoint", nargs="+",
+                   help="rpat checkpoints (best.pt, final.pt) or plain state_dicts; globs are expanded")
     p.add_argument("--arch", help="architecture of a plain state_dict")
     p.add_argument("--dataset", help="dataset (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data)")
-    p.add_argument("--n-examples", type=int, help="N test images (default all; class-mixed for folders)")
-    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (Mean/NRR not reported)")
+    p.add_argument("--n-examples", type=int,
+                   help="N test images (default: the whole test set; class-mixed for folders)")
+    _add_autoattack(p)
+    p.add_argument("--no-autoattack", dest="autoattack", action="store_const", const="none",
+                   help="same as --autoattack none (Mean/NRR not reported)")
     p.add_argument("--no-sanity", action="store_true",
-                   help="skip the sanity checks (eps=0 equals clean, AA <= PGD <= Clean, huge eps -> ~0%%, "
-                   "more steps never help, eval mode, deterministic; 200 images; JSON key 'sanity')")
+                   help="skip the sanity checks (extra time; see 'phases' below)")
+    p.add_argument("--normalize", metavar="MEAN/STD",
+                   help="the checkpoint expects normalized input: wrap it with (x - mean) / std, e.g. "
+                   "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616, or a preset: cifar10, cifar100, imagenet")
     p.add_argument("--norm", choices=["linf", "l2"], help="threat model norm (default: the checkpoint's)")
     p.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255")
     p.add_argument("--step-size", help="PGD step size, e.g. 2/255")
@@ -93,8 +136,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the report as JSON here (default: next to the checkpoint)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", help="write the report as JSON here (one checkpoint only; default: see below)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute even if a report with the same settings exists (and drop a saved AutoAttack state)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="split the test images over N processes (torch.distributed.run, gloo on the CPU, "
+                   "cores/N threads each); same numbers as one process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per phase)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -120,6 +168,7 @@ EXAMPLES_SWEEP = """\
 examples:
   rpat sweep bench/cifar10/resnet18/linf/{pgd_at,trades,mart,consistency_at}/{base,rpat} --out runs/table1
   rpat sweep 'configs/*.yaml' --out runs/mine --n-examples 500 --no-autoattack
+  rpat sweep 'configs/*.yaml' --out runs/quick --autoattack apgd   # AA(APGD) columns, never the AA ones
   rpat sweep listing.yaml --out runs/study --set optim.epochs=5 --set device=cpu
   rpat sweep bench/cifar10/wrn34_10/l2/trades/{base,rpat} --out runs/l2 --gpus 0,1
 
@@ -130,8 +179,10 @@ a config YAML file, a quoted glob of them, or a listing YAML:
     - {name: mine, config: my.yaml, overrides: [optim.lr=0.05]}
   overrides: [data.root=data]          # applied to every run
 each run goes to OUT/<name>/ (name: the listing's, else the preset with / -> _, else the file stem).
-Finished runs (final.pt + eval_best.json + eval_final.json) are skipped; interrupted ones resume
-from last.pt. Results: OUT/results.md and OUT/results.csv (Clean/PGD-20/AA/Mean/NRR of best and final, %).
+Finished runs (final.pt + eval_best.json + eval_final.json made with the same --n-examples and
+--autoattack) are skipped; interrupted ones resume from last.pt (and an interrupted AutoAttack from
+its last finished attack). Results: OUT/results.md and OUT/results.csv (Clean/PGD-20/AA/Mean/NRR of
+best and final, %; with --autoattack apgd the columns are AA(APGD)/Mean(APGD)/NRR(APGD)).
 """
 
 
@@ -147,7 +198,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="config override for every run (repeatable), e.g. --set optim.epochs=5")
     p.add_argument("--n-examples", type=int, default=1000, help="test images per evaluation (default 1000)")
     p.add_argument("--all-test-images", action="store_true", help="evaluate on the whole test set")
-    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (AA/Mean/NRR left empty)")
+    _add_autoattack(p)
+    p.add_argument("--no-autoattack", dest="autoattack", action="store_const", const="none",
+                   help="same as --autoattack none (AA/Mean/NRR left empty)")
     p.add_argument("--gpus", help="spread runs over these GPUs, one process each: 0,1,2 or all; "
                    "a GPU listed twice runs two processes on it: 0,0,1,1")
     p.add_argument("--device", help="evaluation device (default: each run's config)")
@@ -229,43 +282,188 @@ def _train(args: argparse.Namespace) -> int:
     print(f"done: best.pt = epoch {summary['best_epoch']}, held-out PGD {summary['best_held_out_pgd']:.2f} "
           f"(selected on the {summary['held_out']}{hint}); checkpoints in {run_dir}")
     if args.eval:
-        from .evaluation.checkpoint_eval import evaluate_checkpoint
+        from .evaluation.checkpoint_eval import evaluate_for_report, remove_aa_state
         from .evaluation.robustness import format_table
 
         rows = []
         for which in ("best", "final"):
-            done = run_dir / f"eval_{which}.json"
-            if summary["already_finished"] and done.is_file():  # a finished run is not evaluated again
-                print(f"{done} exists (run already finished): shown as it is")
-                rows.append((which, json.loads(done.read_text())))
+            out = run_dir / f"eval_{which}.json"
+            if summary["already_finished"] and out.is_file():  # a finished run is not evaluated again
+                print(f"{out} exists (run already finished): shown as it is")
+                rows.append((which, json.loads(out.read_text())))
                 continue
-            report, info = evaluate_checkpoint(run_dir / f"{which}.pt", n_examples=args.n_examples,
-                                               device=trainer.cfg.device, progress=progress)
+            report, info = evaluate_for_report(run_dir / f"{which}.pt", out, say=print, n_examples=args.n_examples,
+                                               autoattack=args.autoattack, device=trainer.cfg.device,
+                                               progress=progress)
             sel = {"selected_on": summary["held_out"]} if which == "best" else {}
-            (run_dir / f"eval_{which}.json").write_text(
-                json.dumps({**info, **report.to_dict(), **sel}, indent=2) + "\n")
-            rows.append((which, report.to_dict()))
+            result = {**info, **report.to_dict(), **sel}
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            remove_aa_state(out)
+            rows.append((which, result))
         print(format_table(rows))
         print(f"(best = best.pt, selected on the {summary['held_out']})")
+        _print_per_attack(rows)
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from .evaluation.checkpoint_eval import evaluate_checkpoint
+def _print_per_attack(rows: list[tuple[str, dict]]) -> None:
+    """Each row's robust accuracy after each AutoAttack attack, and a gradient-masking warning."""
+    from . import evaluation
+    from .evaluation.sanity import masking_drop
 
-    progress = not args.no_progress
-    report, info = evaluate_checkpoint(
-        args.checkpoint, arch=args.arch, dataset=args.dataset, data_root=args.data_root,
-        n_examples=args.n_examples, autoattack=not args.no_autoattack, norm=args.norm, eps=args.eps,
-        step_size=args.step_size, steps=args.steps, batch_size=args.batch_size, device=args.device,
-        seed=args.seed, progress=progress, log=(lambda m: print(m, file=sys.stderr)) if progress else None,
-        sanity=not args.no_sanity, warn=lambda m: print(m, file=sys.stderr),
+    fmt = getattr(evaluation, "format_per_attack", None)  # the per-attack AutoAttack engine
+    for name, rep in rows:
+        if fmt is not None and (rep.get("extras") or {}).get("aa_per_attack"):
+            print(f"{name}: {fmt(rep)}")
+        drop = masking_drop(rep)
+        if drop is not None and drop > 0 and "sanity" not in rep:
+            print(f"rpat: warning: {name}: FAB-T/Square lowered robust accuracy by {drop:.2f} points after "
+                  "APGD-T: a possible sign of gradient masking", file=sys.stderr)
+
+
+def _expand(patterns: list[str]) -> list[str]:
+    """Checkpoint arguments with quoted globs expanded (sorted); a pattern matching nothing is an error."""
+    import glob
+
+    out: list[str] = []
+    for pat in patterns:
+        if not Path(pat).exists() and any(c in pat for c in "*?["):
+            found = sorted(glob.glob(pat))
+            if not found:
+                raise InputError(f"no checkpoint matches {pat!r}")
+            out += found
+        else:
+            out.append(pat)
+    return out
+
+
+def _relaunch_jobs(args: argparse.Namespace) -> int:
+    """``rpat eval --jobs N``: the same command under ``torch.distributed.run`` with N processes."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // args.jobs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.jobs),
+           "-m", "rpat", *args.argv, "--jobs", "1"]  # the last --jobs wins
+    print(f"rpat eval: {args.jobs} processes x {threads} thread(s) (torch.distributed.run)", file=sys.stderr,
+          flush=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)  # torchrun stops its workers; the AutoAttack state stays
+        proc.wait()
+        raise
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import functools
+
+    from .evaluation.checkpoint_eval import (
+        STALE_STATE,
+        aa_state_path,
+        eval_settings,
+        evaluate_checkpoint,
+        remove_aa_state,
+        report_path_for,
+        reusable_report,
     )
-    print(f"{info['arch']} on {info['n_examples']} {info['dataset']} test images, {report.threat}")
-    print(report.table(Path(args.checkpoint).name))
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
-    out.write_text(json.dumps({**info, **report.to_dict()}, indent=2) + "\n")
-    print(f"wrote {out}")
+    from .evaluation.robustness import format_table
+    from .evaluation.sanity import summarize
+    from .training import distributed
+    from .utils import progress_enabled, resolve_device
+
+    ctx = distributed.context_from_env()
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and ctx.active:
+        raise InputError("--jobs starts its own processes; under torchrun leave it out")
+    ckpts = _expand(args.checkpoint)
+    if args.out and len(ckpts) > 1:
+        raise InputError("--out names one report: give one checkpoint, or leave --out out")
+    sanity = not args.no_sanity
+    plans = []
+    for c in ckpts:  # every argument is checked (and its settings known) before any evaluation starts
+        _, settings = eval_settings(c, arch=args.arch, dataset=args.dataset, n_examples=args.n_examples,
+                                    autoattack=args.autoattack, norm=args.norm, eps=args.eps,
+                                    step_size=args.step_size, steps=args.steps, seed=args.seed,
+                                    normalize=args.normalize, batch_size=args.batch_size)
+        plans.append((c, settings, report_path_for(c, args.out)))
+    outs = [o.resolve() for _, _, o in plans]
+    dup = next((o for o in outs if outs.count(o) > 1), None)
+    if dup is not None:
+        raise InputError(f"two checkpoints would write the same report {str(dup)!r}; evaluate them one at a "
+                         "time with --out")
+    reused = {i: r for i, (_, st, o) in enumerate(plans)
+              if not args.force and (r := reusable_report(o, st, sanity)) is not None}
+    if args.jobs > 1 and len(reused) < len(plans):
+        return _relaunch_jobs(args)
+
+    main_rank = ctx.is_main
+    say = print if main_rank else (lambda *a, **k: None)
+    progress = progress_enabled(not args.no_progress) and main_rank
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if main_rank else None
+    device = args.device
+    if ctx.active and len(reused) < len(plans):
+        _, device = distributed.setup(resolve_device(args.device))
+    rows = []
+    try:
+        for i, (c, settings, out) in enumerate(plans):
+            if i in reused:
+                say(f"reused {out} ({c}: same checkpoint and settings; --force recomputes)")
+                if "sanity" in reused[i]:
+                    say(summarize(reused[i]["sanity"]))
+                rows.append((c, reused[i]))
+                continue
+            state = aa_state_path(out) if settings["autoattack"] != "none" else None
+            if args.force and main_rank:
+                remove_aa_state(out)
+            distributed.barrier(ctx)
+            if state is not None and state.is_file():
+                say(f"resuming AutoAttack from {state}", flush=True)
+            run = functools.partial(
+                evaluate_checkpoint, c, arch=args.arch, dataset=args.dataset, data_root=args.data_root,
+                n_examples=args.n_examples, autoattack=args.autoattack, norm=args.norm, eps=args.eps,
+                step_size=args.step_size, steps=args.steps, batch_size=args.batch_size, device=device,
+                seed=args.seed, progress=progress, log=log, normalize=args.normalize, aa_state=state,
+                # the sanity checks run on rank 0 only; the other ranks wait for it at the next barrier
+                sanity=sanity and main_rank, warn=lambda m: print(m, file=sys.stderr),
+            )
+            try:
+                report, info = run()
+            except InputError as e:  # a state left by a killed run with other settings: this report replaces it
+                if state is None or STALE_STATE not in str(e):
+                    raise
+                say(f"discarding {state}: it was saved by an evaluation with other settings", flush=True)
+                distributed.barrier(ctx)  # every rank has failed to load it before it goes
+                if main_rank:
+                    remove_aa_state(out)
+                distributed.barrier(ctx)
+                report, info = run()
+            if not main_rank:
+                continue
+            result = {**info, **report.to_dict()}
+            if report.extras.get("aa_resumed"):
+                say(f"{c}: AutoAttack continued from the saved state of an interrupted run")
+            say(f"{c}: {info['arch']} on {info['n_examples']} {info['dataset']} test images, {report.threat}")
+            if "sanity" in info:
+                say(summarize(info["sanity"]))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            remove_aa_state(out)
+            say(f"wrote {out}", flush=True)
+            rows.append((c, result))
+    finally:
+        if ctx.active:
+            distributed.cleanup()
+    if main_rank:
+        print(format_table(rows))
+        _print_per_attack(rows)
     return 0
 
 
@@ -281,7 +479,7 @@ def _sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = run_sweep(args.configs, out, overrides=args.overrides,
                      n_examples=None if args.all_test_images else args.n_examples,
-                     autoattack=not args.no_autoattack, gpus=parse_gpus(args.gpus), device=args.device,
+                     autoattack=args.autoattack, gpus=parse_gpus(args.gpus), device=args.device,
                      only=[s for s in (args.only or "").split(",") if s] or None,
                      progress=not args.no_progress, write_table=not args.no_table)
     if not args.no_table:
@@ -330,6 +528,7 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `rpat eval --jobs N` to re-launch itself
     if args.command is None:
         parser.print_help()
         return 2

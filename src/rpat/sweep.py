@@ -25,9 +25,13 @@ The sweep
 ---------
 ``run_sweep(specs, out)`` trains each config into ``out/<name>/`` one after
 another (or one process per GPU with ``gpus``), skips finished runs (final.pt
-and both evaluations present), resumes interrupted ones from ``last.pt``, then
+and both evaluations present, made with the same number of images and
+AutoAttack version), resumes interrupted ones from ``last.pt`` (and an
+interrupted AutoAttack from its state file beside the evaluation JSON), then
 evaluates ``best.pt`` and ``final.pt`` (Clean, PGD-20, AutoAttack, Mean, NRR;
 accuracies in percent) and writes ``out/results.md`` and ``out/results.csv``.
+With ``autoattack="apgd"`` the AutoAttack columns are ``AA(APGD)``,
+``Mean(APGD)`` and ``NRR(APGD)``: never the standard ``AA`` column.
 """
 
 from __future__ import annotations
@@ -181,18 +185,27 @@ def _eval_path(run_dir: Path, which: str) -> Path:
     return run_dir / f"eval_{which}.json"
 
 
-def _eval_ok(path: Path, n_examples: int | None, autoattack: bool) -> bool:
+def _version(autoattack: bool | str | None) -> str:
+    from .evaluation.checkpoint_eval import aa_version
+
+    return aa_version(autoattack)
+
+
+def _eval_ok(path: Path, n_examples: int | None, autoattack: bool | str) -> bool:
     if not path.is_file():
         return False
     try:
         done = json.loads(path.read_text()).get("sweep", {})
     except json.JSONDecodeError:
         return False
-    return done.get("n_examples") == n_examples and done.get("autoattack") == autoattack
+    recorded = done.get("autoattack")  # older sweeps recorded True/False
+    return (done.get("n_examples") == n_examples and recorded is not None
+            and _version(recorded) == _version(autoattack))
 
 
-def is_finished(run_dir: Path, n_examples: int | None, autoattack: bool) -> bool:
-    """True when training ended (final.pt) and best/final were evaluated with these settings."""
+def is_finished(run_dir: Path, n_examples: int | None, autoattack: bool | str) -> bool:
+    """True when training ended (final.pt) and best/final were evaluated with these settings
+    (``autoattack``: ``"standard"``/True, ``"apgd"``, ``"none"``/False)."""
     return (run_dir / "final.pt").is_file() and all(
         _eval_ok(_eval_path(run_dir, w), n_examples, autoattack) for w in EVALS)
 
@@ -211,13 +224,13 @@ def train_and_evaluate(
     out: Path,
     *,
     n_examples: int | None = 1000,
-    autoattack: bool = True,
+    autoattack: bool | str = True,
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> str:
     """Train (or resume, or skip) one run, then evaluate best.pt and final.pt. Returns what it did."""
-    from .evaluation.checkpoint_eval import evaluate_checkpoint
+    from .evaluation.checkpoint_eval import aa_state_path, evaluate_for_report, remove_aa_state
     from .training import Trainer
 
     run_dir = out / run.name
@@ -240,19 +253,49 @@ def train_and_evaluate(
         if which == "final" and "best" in reports and _same_weights(run_dir / "best.pt", ckpt):
             result = {**reports["best"], "checkpoint": str(ckpt), "same_weights_as": "best"}
         else:
-            log(f"[{run.name}] evaluating {which}.pt")
-            report, info = evaluate_checkpoint(ckpt, n_examples=n_examples, autoattack=autoattack, device=dev,
-                                               progress=progress)
+            resuming = aa_state_path(path).is_file()
+            log(f"[{run.name}] evaluating {which}.pt" + (" (resuming AutoAttack)" if resuming else ""))
+            report, info = evaluate_for_report(ckpt, path, say=lambda m: log(f"[{run.name}] {m}"),
+                                               n_examples=n_examples, autoattack=_version(autoattack),
+                                               device=dev, progress=progress)
             result = {**info, **report.to_dict()}
-        result["sweep"] = {"n_examples": n_examples, "autoattack": autoattack}
+        result["sweep"] = {"n_examples": n_examples, "autoattack": _version(autoattack)}
         reports[which] = result
         path.write_text(json.dumps(result, indent=2) + "\n")
+        remove_aa_state(path)
     return did
 
 
 # ---- the table -----------------------------------------------------------------------
 METRICS = (("clean", "Clean"), ("pgd", "PGD-20"), ("aa", "AA"), ("mean", "Mean"), ("nrr", "NRR"))
+#: The AutoAttack-derived metrics, labelled ``AA(APGD)`` etc. when the cheaper version made them.
+AA_KEYS = ("aa", "mean", "nrr")
+APGD_SUFFIX = "(APGD)"
 COLUMNS = ["run", "setting", "method", *[f"{label} ({w})" for w in EVALS for _, label in METRICS]]
+
+
+def _labels(version: str) -> list[tuple[str, str]]:
+    """``(key, column label)`` of each metric for an evaluation made with AutoAttack ``version``."""
+    return [(k, label + APGD_SUFFIX if version == "apgd" and k in AA_KEYS else label) for k, label in METRICS]
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's columns: :data:`COLUMNS`, with AA(APGD)/Mean(APGD)/NRR(APGD) in place of (or, in a
+    mixed sweep, after) AA/Mean/NRR when a row has values there."""
+    cols = ["run", "setting", "method"]
+    for w in EVALS:
+        for key, label in METRICS:
+            names = [label] + ([label + APGD_SUFFIX] if key in AA_KEYS else [])
+            present = [n for n in names if any(r.get(f"{n} ({w})") is not None for r in rows)]
+            cols += [f"{n} ({w})" for n in (present or [label])]
+    return cols
+
+
+def _result_version(res: dict[str, Any]) -> str:
+    recorded = (res.get("sweep") or {}).get("autoattack")
+    if recorded is None:
+        recorded = (res.get("extras") or {}).get("aa_version", res.get("autoattack", True))
+    return _version(recorded)
 
 
 def method_label(cfg: Config) -> str:
@@ -273,7 +316,7 @@ def gather(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
         for which in EVALS:
             path = _eval_path(out / run.name, which)
             res = json.loads(path.read_text()) if path.is_file() else {}
-            for key, label in METRICS:
+            for key, label in _labels(_result_version(res) if res else "standard"):
                 row[f"{label} ({which})"] = res.get(key)
         rows.append(row)
     return rows
@@ -284,19 +327,23 @@ def _fmt(v: Any) -> str:
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """Table 1 layout: one row per method ± RPAT; Clean/PGD-20/AA/Mean/NRR of best, then of final (%)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    """Table 1 layout: one row per method ± RPAT; Clean/PGD-20/AA/Mean/NRR of best, then of final (%).
+
+    AA(APGD) results (``--autoattack apgd``) get their own columns, never the AA ones."""
+    cols = columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
+    cols = columns(rows)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({c: ("" if r[c] is None else (round(r[c], 4) if isinstance(r[c], float) else r[c]))
-                    for c in COLUMNS})
+        w.writerow({c: ("" if r.get(c) is None else (round(r[c], 4) if isinstance(r[c], float) else r[c]))
+                    for c in cols})
     return buf.getvalue()
 
 
@@ -342,7 +389,7 @@ def run_sweep(
     *,
     overrides: list[str] | None = None,
     n_examples: int | None = 1000,
-    autoattack: bool = True,
+    autoattack: bool | str = True,
     gpus: list[str] | None = None,
     only: list[str] | None = None,
     device: str | None = None,
@@ -383,7 +430,7 @@ def run_sweep(
 
 
 def run_workers(specs: list[str], out: Path, todo: list[SweepRun], overrides: list[str], n_examples: int | None,
-                autoattack: bool, workers: dict[str, dict[str, str]], device: str | None,
+                autoattack: bool | str, workers: dict[str, dict[str, str]], device: str | None,
                 log: Callable[[str], None]) -> None:
     """Deal ``todo`` round-robin to one ``rpat sweep --only ...`` subprocess per worker; wait for all.
 
@@ -403,7 +450,7 @@ def run_workers(specs: list[str], out: Path, todo: list[SweepRun], overrides: li
                "--only", ",".join(share)]
         cmd += [a for o in overrides for a in ("--set", o)]
         cmd += ["--n-examples", str(n_examples)] if n_examples is not None else ["--all-test-images"]
-        cmd += [] if autoattack else ["--no-autoattack"]
+        cmd += ["--autoattack", _version(autoattack)]
         cmd += ["--device", device] if device else []
         f = open(logs / f"{name}.log", "a")  # noqa: SIM115 - closed after the process ends
         procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra_env}, stdout=f,

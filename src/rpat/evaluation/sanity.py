@@ -24,9 +24,18 @@ check prints one warning line. The checks:
     PGD with twice the steps (another random start) is not more than the
     noise tolerance ``max(1, 300/n)`` points *above* PGD with the usual steps;
     a stronger attack scoring higher is a gradient-masking sign.
+``late_attacks``
+    AutoAttack's black-box and boundary attacks (FAB-T, Square) find no image
+    that APGD-CE and APGD-T missed (``masking_drop`` of the per-attack record
+    is not positive). When they do, the gradient attacks were held back: a
+    possible sign of gradient masking. Needs the evaluation's per-attack record
+    (standard AutoAttack); skipped otherwise.
 
-All accuracies are in percent; ε in [0, 1] pixel units. Costs about
-``5 × steps`` attack iterations on the subset.
+When the evaluation's PGD accuracy is already at most 1%, ``large_eps`` and
+``more_steps`` cannot inform (the gradient attack works) and are skipped, which
+saves most of the cost. All accuracies are in percent; ε in [0, 1] pixel
+units. Costs about ``5 × steps`` attack iterations on the subset (``2 × steps``
+when the two are skipped); ``seconds`` in the result, per check too.
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ from ..errors import InputError
 
 Log = Callable[[str], None]
 
-SANITY_CHECKS = ("eval_mode", "deterministic", "eps0_equals_clean", "ordering", "large_eps", "more_steps")
+SANITY_CHECKS = ("eval_mode", "deterministic", "eps0_equals_clean", "ordering", "large_eps", "more_steps",
+                 "late_attacks")
+#: PGD accuracy (percent) at or below which ``large_eps`` and ``more_steps`` are skipped.
+SKIP_BELOW_PGD = 1.0
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, batch_size: int,
@@ -71,6 +83,40 @@ def _large_eps(threat: ThreatModel, x: Tensor) -> ThreatModel:
     return ThreatModel(threat.norm, eps, eps / 4, max(threat.steps, 20))
 
 
+def masking_drop(report: dict[str, Any] | None) -> float | None:
+    """Robust accuracy after APGD-T minus the final one (points); > 0 when FAB-T/Square found more.
+
+    Uses :func:`rpat.evaluation.robustness.masking_drop` when the evaluation engine
+    provides it; otherwise reads ``report["extras"]["aa_per_attack"]`` the same way.
+    None without a per-attack record.
+    """
+    if not report:
+        return None
+    from . import robustness
+
+    engine = getattr(robustness, "masking_drop", None)
+    if engine is not None:
+        return engine(report)
+    per = (report.get("extras") or {}).get("aa_per_attack") or report.get("aa_per_attack")
+    if not per:
+        return None
+    gradient = [r for r in per if r.get("attack") in ("apgd-ce", "apgd-t")]
+    if not gradient or per[-1] is gradient[-1]:
+        return None
+    return float(gradient[-1]["robust"]) - float(per[-1]["robust"])
+
+
+def _late_attacks_check(report: dict[str, Any] | None) -> dict[str, Any]:
+    drop = masking_drop(report)
+    if drop is None:
+        return {"passed": True, "skipped": True,
+                "detail": "skipped: no per-attack AutoAttack record with FAB-T/Square (standard AutoAttack only)"}
+    return {"passed": drop <= 0, "drop": drop,
+            "detail": (f"FAB-T/Square lowered robust accuracy by {drop:.2f} points after APGD-T: "
+                       "a possible sign of gradient masking" if drop > 0 else
+                       "FAB-T/Square found nothing APGD-CE/APGD-T missed")}
+
+
 def run_sanity_checks(
     model: nn.Module,
     x: Tensor,
@@ -83,6 +129,7 @@ def run_sanity_checks(
     device: str | torch.device = "cpu",
     seed: int = 0,
     warn: Log | None = None,
+    log: Log | None = None,
 ) -> dict[str, Any]:
     """Run the checks of this module on the first ``n_examples`` of ``x`` ``(N, C, H, W)`` in [0, 1].
 
@@ -90,15 +137,17 @@ def run_sanity_checks(
         model: logits model, already on ``device``; its train/eval modes are restored afterwards.
         x, y: the evaluated images and labels (``(N,)``), usually on the CPU.
         threat: the PGD threat of the evaluation (norm, ε, step size, steps).
-        report: the evaluation's numbers (``clean``, ``pgd``, ``aa`` in percent, ``n_examples``),
-            e.g. ``RobustnessReport.to_dict()``; without it the ordering uses the subset's
-            clean and PGD accuracy.
+        report: the evaluation's numbers (``clean``, ``pgd``, ``aa`` in percent, ``n_examples``,
+            ``extras.aa_per_attack``), e.g. ``RobustnessReport.to_dict()``; without it the
+            ordering uses the subset's clean and PGD accuracy and ``late_attacks`` is skipped.
         n_examples: subset size (the first images).
         warn: called with one line per failed check.
+        log: called with one line per check as it finishes (result and seconds).
 
     Returns:
-        ``{"passed": bool, "failed": [names], "n_examples": n, "seconds": s,
-        "checks": {name: {"passed": bool, "detail": str, ...numbers}}}``.
+        ``{"passed": bool, "failed": [names], "skipped": [names], "n_examples": n, "seconds": s,
+        "checks": {name: {"passed": bool, "detail": str, "seconds": s, ...numbers}}}``;
+        a skipped check has ``"skipped": True`` and counts as passed.
     """
     if not isinstance(threat, ThreatModel):
         raise InputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -109,18 +158,34 @@ def run_sanity_checks(
     n = min(int(n_examples), int(x.shape[0]))
     xs, ys = x[:n], y[:n]
     checks: dict[str, dict[str, Any]] = {}
+    clock = [time.perf_counter()]
+
+    def done(name: str, result: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        result["passed"] = bool(result["passed"])
+        result["seconds"] = now - clock[0]
+        clock[0] = now
+        checks[name] = result
+        if log is not None:
+            state = "" if result.get("skipped") else ("ok " if result["passed"] else "FAILED ")
+            log(f"sanity {name}: {state}({result['seconds']:.1f} s): {result['detail']}")
 
     def pct(count: int) -> float:
         return 100.0 * count / n
 
+    rep_pgd = report.get("pgd") if report else None
+    hopeless = rep_pgd is not None and rep_pgd <= SKIP_BELOW_PGD
+    why_skip = (f"skipped: PGD accuracy is already {rep_pgd:.2f}% <= {SKIP_BELOW_PGD:g}%, "
+                "so a stronger attack cannot inform" if hopeless else "")
+
     with eval_mode(model):
         training = [name or "<model>" for name, m in model.named_modules() if m.training]
-        checks["eval_mode"] = {
+        done("eval_mode", {
             "passed": not training,
             "detail": ("all modules in eval mode" if not training else
                        f"{len(training)} module(s) stay in train mode during evaluation: "
                        f"{', '.join(training[:3])}{'...' if len(training) > 3 else ''}"),
-        }
+        })
 
         xb = xs[:batch_size].to(dev)
         with torch.no_grad():
@@ -128,58 +193,80 @@ def run_sanity_checks(
         diff = float((a - b).abs().max()) if a.numel() else 0.0
         scale = float(a.abs().max()) if a.numel() else 0.0
         num_classes = int(a.shape[-1])
-        checks["deterministic"] = {
+        done("deterministic", {
             "passed": diff <= 1e-5 * (1.0 + scale), "max_abs_diff": diff,
             "detail": f"two forward passes differ by at most {diff:.3g} (logit scale {scale:.3g})",
-        }
+        })
 
         clean = pct(_correct(model, xs, ys, dev, batch_size))
         zero = ThreatModel(threat.norm, 0.0, threat.step_size, max(1, min(threat.steps, 2)))
         acc0 = pct(_correct(model, xs, ys, dev, batch_size, zero, seed))
-        checks["eps0_equals_clean"] = {
+        done("eps0_equals_clean", {
             "passed": acc0 == clean, "clean": clean, "eps0": acc0,
             "detail": f"PGD with eps=0: {acc0:.2f}% vs clean {clean:.2f}%",
-        }
+        })
 
-        pgd_k = pct(_correct(model, xs, ys, dev, batch_size, threat, seed))
+        need_pgd = not hopeless or not report
+        pgd_k = pct(_correct(model, xs, ys, dev, batch_size, threat, seed)) if need_pgd else None
 
         rep_n = int(report.get("n_examples") or n) if report else n
         tol = max(0.5, 200.0 / rep_n)
         r_clean = report.get("clean") if report else clean
-        r_pgd = report.get("pgd") if report else pgd_k
+        r_pgd = rep_pgd if report else pgd_k
         r_aa = report.get("aa") if report else None
         ok = r_pgd is None or r_clean is None or r_pgd <= r_clean + tol
         ok = ok and (r_aa is None or r_pgd is None or r_aa <= r_pgd + tol)
         shown = f"AA {r_aa:.2f} <= " if r_aa is not None else ""
-        checks["ordering"] = {
+        done("ordering", {
             "passed": bool(ok), "clean": r_clean, "pgd": r_pgd, "aa": r_aa, "tolerance": tol,
             "detail": f"{shown}PGD {r_pgd:.2f} <= Clean {r_clean:.2f} (tolerance {tol:.2f} points)",
-        }
+        })
 
         big = _large_eps(threat, xs)
-        acc_big = pct(_correct(model, xs, ys, dev, batch_size, big, seed, start="none"))
         limit = 50.0 / max(num_classes, 1)
-        checks["large_eps"] = {
-            "passed": acc_big <= limit, "accuracy": acc_big, "limit": limit, "eps": big.eps,
-            "detail": (f"PGD-{big.steps} with {big.norm} eps={format_budget(big.eps)} (whole image range): "
-                       f"{acc_big:.2f}% (must be <= {limit:.2f}%)"),
-        }
+        if hopeless:
+            done("large_eps", {"passed": True, "skipped": True, "detail": why_skip})
+        else:
+            acc_big = pct(_correct(model, xs, ys, dev, batch_size, big, seed, start="none"))
+            done("large_eps", {
+                "passed": acc_big <= limit, "accuracy": acc_big, "limit": limit, "eps": big.eps,
+                "detail": (f"PGD-{big.steps} with {big.norm} eps={format_budget(big.eps)} (whole image range): "
+                           f"{acc_big:.2f}% (must be <= {limit:.2f}%)"),
+            })
 
         strong = threat.with_steps(2 * max(threat.steps, 1))
-        acc_strong = pct(_correct(model, xs, ys, dev, batch_size, strong, seed + 1))
         tol_s = max(1.0, 300.0 / n)
-        checks["more_steps"] = {
-            "passed": acc_strong <= pgd_k + tol_s, "pgd": pgd_k, "pgd_more_steps": acc_strong,
-            "tolerance": tol_s,
-            "detail": (f"PGD-{strong.steps} {acc_strong:.2f}% vs PGD-{threat.steps} {pgd_k:.2f}% "
-                       f"(may exceed it by at most {tol_s:.2f} points)"),
-        }
+        if hopeless:
+            done("more_steps", {"passed": True, "skipped": True, "detail": why_skip})
+        else:
+            acc_strong = pct(_correct(model, xs, ys, dev, batch_size, strong, seed + 1))
+            done("more_steps", {
+                "passed": acc_strong <= pgd_k + tol_s, "pgd": pgd_k, "pgd_more_steps": acc_strong,
+                "tolerance": tol_s,
+                "detail": (f"PGD-{strong.steps} {acc_strong:.2f}% vs PGD-{threat.steps} {pgd_k:.2f}% "
+                           f"(may exceed it by at most {tol_s:.2f} points)"),
+            })
+
+        done("late_attacks", _late_attacks_check(report))
 
     failed = [k for k, v in checks.items() if not v["passed"]]
+    skipped = [k for k, v in checks.items() if v.get("skipped")]
     if warn is not None:
         for k in failed:
             warn(f"rpat: warning: sanity check {k} failed: {checks[k]['detail']}")
-    for v in checks.values():
-        v["passed"] = bool(v["passed"])
-    return {"passed": not failed, "failed": failed, "n_examples": n,
+    return {"passed": not failed, "failed": failed, "skipped": skipped, "n_examples": n,
             "seconds": time.perf_counter() - t0, "checks": checks}
+
+
+def summarize(result: dict[str, Any]) -> str:
+    """One line: what the sanity checks found and what they cost."""
+    skipped = result.get("skipped", [])  # reports written before skipping existed lack the key
+    ran = len(result["checks"]) - len(skipped)
+    head = f"sanity checks on {result['n_examples']} images, {result['seconds']:.1f} s: "
+    if result["failed"]:
+        head += f"{len(result['failed'])} of {ran} FAILED ({', '.join(result['failed'])})"
+    else:
+        head += f"all {ran} passed"
+    if skipped:
+        head += f"; skipped {', '.join(skipped)}"
+    return head

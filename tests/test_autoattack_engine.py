@@ -327,3 +327,20 @@ def test_format_per_attack_masking_drop_and_mixed_tables() -> None:
     assert cells(lines[4])[3:] == ["-"] * 6
     only_apgd = cells(format_table([("b", apgd)]).splitlines()[0])
     assert only_apgd == ["model", "Clean", "PGD-20", "AA(APGD)", "Mean(APGD)", "NRR(APGD)"]
+
+
+# --- the overhead benchmark -------------------------------------------------------------------------
+
+
+def test_overhead_benchmark_tiny(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import autoattack_overhead as bench
+
+    torch.set_num_threads(1)
+    out = tmp_path / "overhead.json"
+    result = bench.main(["--tiny", "--variants", "direct,rpat", "--out", str(out)])  # exits if results differ
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["same_results"] and set(result["seconds"]) == {"direct", "rpat"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values())
+    assert result["ratio_to_direct"]["direct"]["of_medians"] == 1.0
+    assert 0 <= result["setting"]["robust_accuracy"] <= 100

@@ -295,6 +295,7 @@ class _State:
 def _save_state(path: Path, fingerprint: dict, state: _State, robust: Tensor, x_adv: Tensor,
                 x: Tensor) -> None:
     """Write the ``.pt`` of this stage, then the JSON that names it (both atomically), then drop the old ``.pt``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     idx = (x_adv != x).flatten(1).any(1).nonzero().flatten()
     pt = path.with_name(f"{path.name}.{len(state.done)}.pt")
     _atomic_write(pt, lambda f: torch.save({"index": idx, "x_adv": x_adv[idx].clone()}, f), "wb")
@@ -329,7 +330,10 @@ def _load_state(path: Path, fingerprint: dict, x: Tensor) -> tuple[_State, Tenso
         raise InputError(f"the AutoAttack state {path} was written for other settings (differs in: "
                          f"{', '.join(differ)}); delete it or pass another state path")
     robust = torch.tensor([c == "1" for c in doc["robust"]], dtype=torch.bool)
-    rows = torch.load(path.with_name(doc["x_adv_file"]), map_location="cpu", weights_only=True)
+    try:
+        rows = torch.load(path.with_name(doc["x_adv_file"]), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"the AutoAttack state {path} lacks its images ({doc['x_adv_file']}): {e}") from None
     x_adv = x.clone()
     x_adv[rows["index"]] = rows["x_adv"]
     return _State(list(doc["done"]), list(doc["per_attack"])), robust, x_adv

@@ -273,6 +273,11 @@ def test_two_process_split_equals_one_process(problem: dict, standard: AutoAttac
     x_adv = problem["x"].clone()
     x_adv[rows["index"]] = rows["x_adv"]
     assert torch.equal(x_adv, standard.x_adv)
+    # one process reuses the two processes' finished state (the split is exact, so the world size is no setting)
+    again = evaluate_robustness(model, problem["x"], problem["y"], THREAT, batch_size=BS, progress=False,
+                                aa_state=tmp_path / "state.json")
+    assert again.extras["aa_resumed"] is True and again.aa == ranks[0]["aa"]
+    assert again.extras["aa_per_attack"] == ranks[0]["extras"]["aa_per_attack"]
 
 
 # --- report -----------------------------------------------------------------------------------------

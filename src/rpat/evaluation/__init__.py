@@ -5,7 +5,9 @@ from .robustness import (
     RobustnessReport,
     accuracy,
     evaluate_robustness,
+    format_per_attack,
     format_table,
+    masking_drop,
     pgd_accuracy,
 )
 
@@ -13,7 +15,9 @@ __all__ = [
     "RobustnessReport",
     "accuracy",
     "evaluate_robustness",
+    "format_per_attack",
     "format_table",
+    "masking_drop",
     "mean_score",
     "nrr",
     "pgd_accuracy",

@@ -5,27 +5,41 @@ Accuracies are in percent (0..100). Images are ``(N, C, H, W)`` floats in
 must already be. Correct counts are accumulated on the device and read once
 at the end. The model is evaluated in eval mode and each submodule's mode is
 restored afterwards.
+
+AutoAttack runs through :func:`rpat.attacks.autoattack.autoattack`: the report
+records robust accuracy and seconds after each attack (``extras["aa_per_attack"]``),
+the run can resume from a state file (``aa_state``), and under
+``torch.distributed`` (torchrun) every stage is split over the processes at
+batch granularity and merged exactly (see :func:`evaluate_robustness`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..attacks.autoattack import autoattack_plan, run_autoattack
-from ..attacks.pgd import eval_mode, pgd
+from ..attacks.autoattack import ATTACK_LABELS, comm_device, world
+from ..attacks.autoattack import autoattack as run_aa
+from ..attacks.pgd import eval_mode, pgd, random_start
 from ..attacks.threat import ThreatModel, format_budget
 from ..errors import InputError
+from ..utils import progress_enabled
 from .metrics import mean_score, nrr
 
 Log = Callable[[str], None]
+
+#: The AutoAttack versions ``evaluate_robustness`` runs, and how tables label their accuracy.
+AA_LABELS = {"standard": "AA", "apgd": "AA(APGD)"}
 
 
 @dataclass
@@ -34,7 +48,11 @@ class RobustnessReport:
 
     ``threat`` is the PGD threat's ``describe()`` (AutoAttack uses its norm and
     ε); ``seconds`` the wall time of the whole evaluation; ``extras`` holds
-    per-stage timings, the AutoAttack setup, the device and the seed.
+    per-stage timings, the AutoAttack setup, the device and the seed. With
+    AutoAttack, ``extras`` has ``aa_version`` (``standard`` or ``apgd``: then
+    ``aa`` is the accuracy after APGD-CE + APGD-T only, labeled ``AA(APGD)``),
+    ``aa_per_attack`` (``[{"attack", "robust" (%), "n_robust", "seconds"}, ...]``,
+    first ``clean``), ``aa_seconds`` and ``aa_resumed``.
     """
 
     clean: float
@@ -48,6 +66,11 @@ class RobustnessReport:
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def aa_label(self) -> str:
+        """``"AA"`` for standard AutoAttack, ``"AA(APGD)"`` for the APGD-CE + APGD-T variant."""
+        return _aa_label(self.to_dict())
+
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-friendly dict (``extras`` copied)."""
         return dataclasses.asdict(self)
@@ -55,7 +78,8 @@ class RobustnessReport:
     def table(self, name: str = "") -> str:
         """A one-row aligned markdown table ``Clean | PGD-20 | AA | Mean | NRR`` (2 decimals).
 
-        With a ``name``, a first ``model`` column holds it.
+        With a ``name``, a first ``model`` column holds it. The AA column is
+        ``AA(APGD)`` (and Mean/NRR ``Mean(APGD)``/``NRR(APGD)``) for the apgd version.
         """
         return _render([(name, self.to_dict())], with_name=bool(name))
 
@@ -97,10 +121,16 @@ def _count_correct(
     seed: int = 0,
     progress: bool = False,
     desc: str = "",
+    split: bool = False,
 ) -> tuple[int, int]:
     """Correct predictions on ``x`` (or on PGD examples when ``threat`` is given), and K.
 
-    Returns ``(n_correct, num_classes)``; one host read at the end.
+    Returns ``(n_correct, num_classes)``; one host read at the end. With
+    ``split`` under ``torch.distributed``, rank ``r`` evaluates batches
+    ``r, r + W, ...`` and the counts are summed over ranks (every rank must
+    call it). The PGD random starts come from one generator in batch order;
+    a rank draws (and discards) the starts of the batches it skips, so each
+    batch gets the same start as in one process and the sum is exact.
     """
     _check_data(x, y, batch_size)
     _check_model_device(model, device)
@@ -108,12 +138,18 @@ def _count_correct(
     if threat is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+    rank, n_ranks = world() if split else (0, 1)
     correct = torch.zeros((), dtype=torch.long, device=device)
     num_classes = 0
     n = x.shape[0]
-    with eval_mode(model), tqdm(total=n, desc=desc, unit="img", disable=not progress,
-                                leave=False) as bar:
-        for i in range(0, n, batch_size):
+    with eval_mode(model), tqdm(total=math.ceil(n / batch_size / n_ranks), desc=desc, unit="batch",
+                                disable=not progress or rank != 0, leave=False) as bar:
+        for b, i in enumerate(range(0, n, batch_size)):
+            if b % n_ranks != rank:
+                if generator is not None:  # keep the generator where one process would have it
+                    random_start(torch.zeros((min(batch_size, n - i), *x.shape[1:]), device=device,
+                                             dtype=x.dtype), threat, "uniform", generator)
+                continue
             xb = x[i : i + batch_size].to(device)
             yb = y[i : i + batch_size].to(device)
             if threat is not None:
@@ -122,7 +158,14 @@ def _count_correct(
                 logits = model(xb)
             num_classes = int(logits.shape[-1])
             correct += (logits.argmax(dim=-1) == yb).sum()
-            bar.update(xb.shape[0])
+            bar.update(1)
+    if n_ranks > 1:
+        cdev = comm_device(device)
+        correct = correct.to(cdev).reshape(1)
+        classes = torch.tensor([num_classes], device=cdev)
+        dist.all_reduce(correct)
+        dist.all_reduce(classes, op=dist.ReduceOp.MAX)
+        num_classes = int(classes.item())
     return int(correct.item()), num_classes
 
 
@@ -166,20 +209,15 @@ def pgd_accuracy(
     return 100.0 * n_correct / x.shape[0]
 
 
-class _AABar:
-    """A tqdm bar over AutoAttack's attacks, advanced by its log lines."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = tqdm(total=total, desc="AutoAttack", unit="attack", disable=not enabled,
-                        leave=False)
-
-    def __call__(self, msg: str) -> None:
-        if msg.startswith("robust accuracy after "):
-            self.bar.update(1)
-            self.bar.set_postfix_str(msg.removeprefix("robust accuracy after ").split(" (")[0])
-
-    def close(self) -> None:
-        self.bar.close()
+def _aa_version(autoattack: bool | str | None) -> str | None:
+    """``True``/``"standard"`` -> standard, ``"apgd"`` -> apgd, ``False``/``None``/``"none"`` -> None."""
+    if autoattack is None or autoattack is False or autoattack == "none":
+        return None
+    if autoattack is True:
+        return "standard"
+    if isinstance(autoattack, str) and autoattack in AA_LABELS:
+        return autoattack
+    raise InputError(f"unknown AutoAttack version {autoattack!r}; valid: standard, apgd, none")
 
 
 def evaluate_robustness(
@@ -188,12 +226,13 @@ def evaluate_robustness(
     y: Tensor,
     threat: ThreatModel,
     *,
-    autoattack: bool = True,
+    autoattack: bool | str | None = True,
     batch_size: int = 500,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
     log: Log | None = None,
+    aa_state: str | Path | None = None,
 ) -> RobustnessReport:
     """Clean, PGD and (optionally) AutoAttack accuracy, Mean and NRR of ``model``.
 
@@ -202,32 +241,53 @@ def evaluate_robustness(
         x: ``(N, C, H, W)`` float images in [0, 1], usually on the CPU.
         y: ``(N,)`` integer labels.
         threat: the PGD threat (PGD-20: ℓ∞ 8/255, step 2/255, ``steps=20``);
-            AutoAttack ``standard`` runs with its norm and ε.
-        autoattack: run AutoAttack; without it ``aa``, ``mean``, ``nrr`` are None.
+            AutoAttack runs with its norm and ε.
+        autoattack: ``True``/``"standard"`` (APGD-CE, APGD-T, FAB-T, Square;
+            the default), ``"apgd"`` (APGD-CE + APGD-T with the standard
+            settings: a cheaper upper bound, reported as ``AA(APGD)``), or
+            ``False``/``None``/``"none"`` (``aa``, ``mean``, ``nrr`` are None).
         batch_size: examples per batch for every stage.
         device: where the batches go (and where the model must be).
         seed: seeds the PGD random starts and AutoAttack.
-        progress: tqdm bars per stage (on stderr).
-        log: if given, receives one line per stage result and AutoAttack's
-            progress lines.
+        progress: tqdm bars per stage and per attack (on a terminal only, see
+            :func:`rpat.utils.progress_enabled`).
+        log: if given, receives one line per stage result (per attack: robust
+            accuracy and seconds) and AutoAttack's warnings.
+        aa_state: AutoAttack's resumable state file (JSON, with a ``.pt`` of the
+            adversarial images beside it): written after the clean pass and
+            each attack; an existing state for the same settings is continued
+            after its last finished attack (same numbers as an uninterrupted
+            run); one for other settings is an InputError.
 
     Mean and NRR are computed from Clean and AA (the paper's convention). The
     model runs in eval mode; each submodule's mode is restored afterwards.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``; gloo on the CPU, NCCL on
+    GPUs) every rank calls this with the full ``x``/``y``; each stage gives
+    rank ``r`` the batches ``r, r + W, ...`` of the same batching as one
+    process and merges counts (clean, PGD) or robust flags and adversarial
+    images (AutoAttack, after each attack), so every rank returns the same
+    report with the single-process numbers (times: the slowest rank's).
     """
     if not isinstance(threat, ThreatModel):
         raise InputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    version = _aa_version(autoattack)
     _check_data(x, y, batch_size)
     dev = torch.device(device)
     _check_model_device(model, dev)
-    emit: Log = log if log is not None else (lambda _msg: None)
+    rank, n_ranks = world()
+    emit: Log = log if (log is not None and rank == 0) else (lambda _msg: None)
+    bars = progress_enabled(progress)
     n = int(x.shape[0])
     extras: dict[str, Any] = {"device": str(dev), "seed": seed}
+    if n_ranks > 1:
+        extras["processes"] = n_ranks
     t_start = time.perf_counter()
     aa = mean = nrr_value = None
     with eval_mode(model):
         t = time.perf_counter()
         n_clean, num_classes = _count_correct(model, x, y, batch_size=batch_size, device=dev,
-                                              progress=progress, desc="clean")
+                                              progress=bars, desc="clean", split=True)
         clean = 100.0 * n_clean / n
         extras["clean_seconds"] = time.perf_counter() - t
         extras["num_classes"] = num_classes
@@ -235,36 +295,94 @@ def evaluate_robustness(
 
         t = time.perf_counter()
         n_pgd, _ = _count_correct(model, x, y, batch_size=batch_size, device=dev, threat=threat,
-                                  seed=seed, progress=progress, desc=f"PGD-{threat.steps}")
+                                  seed=seed, progress=bars, desc=f"PGD-{threat.steps}", split=True)
         robust_pgd = 100.0 * n_pgd / n
         extras["pgd_seconds"] = time.perf_counter() - t
         emit(f"PGD-{threat.steps} ({threat.describe()}): {robust_pgd:.2f}% ({n_pgd}/{n})")
 
-        if autoattack:
-            plan = autoattack_plan(num_classes, threat.norm, "standard")
-            extras.update(aa_version="standard",
-                          aa_threat=f"{threat.norm} eps={format_budget(threat.eps)}",
-                          aa_attacks=plan["attacks"], aa_n_target_classes=plan["n_target_classes"])
-            bar = _AABar(len(plan["attacks"]), enabled=progress and log is None)
+        if version is not None:
             t = time.perf_counter()
-            try:
-                _, robust = run_autoattack(model, x, y, threat, version="standard",
-                                           batch_size=batch_size, device=dev, seed=seed,
-                                           log=log if log is not None else bar)
-            finally:
-                bar.close()
-            n_aa = int(robust.sum())
+            result = run_aa(model, x, y, threat, version=version, batch_size=batch_size, device=dev,
+                                seed=seed, log=log, progress=progress, state_path=aa_state)
+            extras.update(aa_version=version, aa_threat=f"{threat.norm} eps={format_budget(threat.eps)}",
+                          aa_attacks=result.attacks, aa_n_target_classes=result.n_target_classes,
+                          aa_per_attack=result.per_attack, aa_resumed=result.resumed,
+                          aa_seconds=time.perf_counter() - t)
+            n_aa = int(result.robust.sum())
             aa = 100.0 * n_aa / n
-            extras["aa_seconds"] = time.perf_counter() - t
             mean = mean_score(clean, aa)
             nrr_value = nrr(clean, aa)
-            emit(f"AutoAttack: {aa:.2f}% ({n_aa}/{n}); Mean {mean:.2f}, NRR {nrr_value:.2f}")
+            label = AA_LABELS[version]
+            emit(f"{label}: {aa:.2f}% ({n_aa}/{n}); Mean {mean:.2f}, NRR {nrr_value:.2f}")
+            line = format_per_attack({"aa": aa, "extras": extras})
+            if line:
+                emit(line)
 
+    seconds = time.perf_counter() - t_start
+    if n_ranks > 1:  # one report on every rank: the slowest rank's times
+        keys = [k for k in ("clean_seconds", "pgd_seconds", "aa_seconds") if k in extras]
+        times = torch.tensor([seconds, *(extras[k] for k in keys)], dtype=torch.float64, device=comm_device(dev))
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        seconds, *rest = times.tolist()
+        extras.update(zip(keys, rest, strict=True))
     return RobustnessReport(
         clean=clean, pgd=robust_pgd, aa=aa, mean=mean, nrr=nrr_value, n_examples=n,
-        threat=threat.describe(), pgd_steps=threat.steps,
-        seconds=time.perf_counter() - t_start, extras=extras,
+        threat=threat.describe(), pgd_steps=threat.steps, seconds=seconds, extras=extras,
     )
+
+
+def _aa_label(d: dict[str, Any]) -> str:
+    return AA_LABELS.get((d.get("extras") or {}).get("aa_version", "standard"), "AA")
+
+
+def _as_dict(report: dict[str, Any] | RobustnessReport) -> dict[str, Any]:
+    return report.to_dict() if isinstance(report, RobustnessReport) else dict(report)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def format_per_attack(report: dict[str, Any] | RobustnessReport) -> str:
+    """One line: robust accuracy after each AutoAttack stage and each attack's seconds.
+
+    ``AutoAttack per attack (robust %, seconds): clean 52.00 | APGD-CE 30.10 (4.0 s) | APGD-T 28.00
+    (58.1 s) | FAB-T 28.00 (6.6 min) | Square 28.00 (8.7 min)`` from a report (or its dict);
+    ``AutoAttack (APGD) per attack ...`` for the apgd version; ``""`` without per-attack records.
+    """
+    d = _as_dict(report)
+    records = (d.get("extras") or {}).get("aa_per_attack") or []
+    if not records:
+        return ""
+    parts = []
+    for r in records:
+        cell = f"{ATTACK_LABELS.get(r['attack'], r['attack'])} {r['robust']:.2f}"
+        if r["attack"] != "clean":
+            cell += f" ({_duration(r['seconds'])})"
+        parts.append(cell)
+    name = "AutoAttack (APGD)" if _aa_label(d) == "AA(APGD)" else "AutoAttack"
+    return f"{name} per attack (robust %, seconds): " + " | ".join(parts)
+
+
+def masking_drop(report: dict[str, Any] | RobustnessReport) -> float | None:
+    """Robust % after the gradient attacks (APGD-T, or APGD-CE without it) minus the final robust %.
+
+    > 0 means FAB-T or Square found adversarial examples that APGD missed, a
+    sign of gradient masking. None for the apgd version, without AutoAttack or
+    without per-attack records.
+    """
+    d = _as_dict(report)
+    extras = d.get("extras") or {}
+    records = extras.get("aa_per_attack") or []
+    if d.get("aa") is None or extras.get("aa_version", "standard") != "standard" or not records:
+        return None
+    gradient = [r for r in records if r["attack"].startswith("apgd")]
+    if not gradient:
+        return None
+    n = d.get("n_examples")
+    if n:
+        return 100.0 * (gradient[-1]["n_robust"] - records[-1]["n_robust"]) / n
+    return gradient[-1]["robust"] - records[-1]["robust"]
 
 
 def _cell(value: Any) -> str:
@@ -275,15 +393,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _aa_groups(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The AutoAttack versions that get columns: those present (standard when none ran)."""
+    present = {(d.get("extras") or {}).get("aa_version", "standard") for _, d in rows if d.get("aa") is not None}
+    return [v for v in AA_LABELS if v in present] or ["standard"]
+
+
 def _render(rows: Sequence[tuple[str, dict[str, Any]]], with_name: bool = True) -> str:
     steps = {d.get("pgd_steps") for _, d in rows}
     pgd_head = f"PGD-{steps.pop()}" if len(steps) == 1 and None not in steps else "PGD"
-    header = (["model"] if with_name else []) + ["Clean", pgd_head, "AA", "Mean", "NRR"]
-    body = [
-        ([str(name)] if with_name else [])
-        + [_cell(d.get(k)) for k in ("clean", "pgd", "aa", "mean", "nrr")]
-        for name, d in rows
-    ]
+    groups = _aa_groups(rows)
+    header = (["model"] if with_name else []) + ["Clean", pgd_head]
+    for v in groups:  # standard and apgd values never share a column
+        header += ["AA", "Mean", "NRR"] if v == "standard" else [AA_LABELS[v], f"Mean({v.upper()})",
+                                                                 f"NRR({v.upper()})"]
+    body = []
+    for name, d in rows:
+        version = (d.get("extras") or {}).get("aa_version", "standard")
+        cells = ([str(name)] if with_name else []) + [_cell(d.get("clean")), _cell(d.get("pgd"))]
+        for v in groups:
+            cells += [_cell(d.get(k) if v == version else None) for k in ("aa", "mean", "nrr")]
+        body.append(cells)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     left = 1 if with_name else 0  # the name column is left-aligned, numbers right-aligned
 
@@ -302,8 +432,9 @@ def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """A markdown table ``name | Clean | PGD-20 | AA | Mean | NRR`` of several reports (2 decimals).
 
     ``rows`` are ``(name, report.to_dict())`` pairs (a ``RobustnessReport`` is
-    accepted in place of its dict); missing values print as ``-``.
+    accepted in place of its dict); missing values print as ``-``. Reports of
+    the apgd version go to ``AA(APGD) | Mean(APGD) | NRR(APGD)`` columns; a
+    table with both versions has both groups of columns.
     """
-    dicts = [(name, d.to_dict() if isinstance(d, RobustnessReport) else dict(d))
-             for name, d in rows]
+    dicts = [(name, _as_dict(d)) for name, d in rows]
     return _render(dicts, with_name=True)

@@ -309,7 +309,7 @@ def _train(args: argparse.Namespace) -> int:
 def _print_per_attack(rows: list[tuple[str, dict]]) -> None:
     """Each row's robust accuracy after each AutoAttack attack, and a gradient-masking warning."""
     from . import evaluation
-    from .evaluation.sanity import masking_drop
+    from .evaluation.robustness import masking_drop
 
     fmt = getattr(evaluation, "format_per_attack", None)  # the per-attack AutoAttack engine
     for name, rep in rows:

@@ -10,7 +10,6 @@ report is written).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -109,10 +108,6 @@ def remove_aa_state(report_path: str | Path) -> list[Path]:
     for f in gone:
         f.unlink(missing_ok=True)
     return gone
-
-
-def _engine_takes_state() -> bool:
-    return "aa_state" in inspect.signature(evaluate_robustness).parameters
 
 
 def eval_settings(
@@ -230,9 +225,6 @@ def evaluate_checkpoint(
                                   norm=norm, eps=eps, step_size=step_size, steps=steps, seed=seed,
                                   normalize=normalize, batch_size=batch_size)
     version = settings["autoattack"]
-    takes_state = _engine_takes_state()
-    if version == "apgd" and not takes_state:
-        raise InputError("--autoattack apgd needs rpat's per-attack AutoAttack engine, which this build lacks")
     stored = config_from_dict(raw["config"]) if is_rpat_checkpoint(raw) else None
     ds_name = settings["dataset"]
     root = data_root or (stored.data.root if stored else "data")
@@ -252,12 +244,8 @@ def evaluate_checkpoint(
     x = sub.images.float().div_(255)
     y = sub.labels
     threat = eval_threat_for(ckpt, norm, eps, step_size, steps)
-    if takes_state:
-        report = evaluate_robustness(model, x, y, threat, autoattack=version, batch_size=batch_size,
-                                     device=dev, seed=seed, progress=progress, log=log, aa_state=aa_state)
-    else:  # an engine without per-attack records and resume: standard or nothing
-        report = evaluate_robustness(model, x, y, threat, autoattack=version != "none", batch_size=batch_size,
-                                     device=dev, seed=seed, progress=progress, log=log)
+    report = evaluate_robustness(model, x, y, threat, autoattack=version, batch_size=batch_size,
+                                 device=dev, seed=seed, progress=progress, log=log, aa_state=aa_state)
     info = {"checkpoint": str(path), "arch": ckpt.get("arch", settings["arch"]), "dataset": spec.name,
             "epoch": ckpt.get("epoch"), "n_examples": n, "device": str(dev),
             "torch": torch.__version__, "autoattack": version, "normalize": settings["normalize"],

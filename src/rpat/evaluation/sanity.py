@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..attacks.pgd import eval_mode, pgd
 from ..attacks.threat import ThreatModel, format_budget
 from ..errors import InputError
+from .robustness import masking_drop
 
 Log = Callable[[str], None]
 
@@ -83,31 +84,8 @@ def _large_eps(threat: ThreatModel, x: Tensor) -> ThreatModel:
     return ThreatModel(threat.norm, eps, eps / 4, max(threat.steps, 20))
 
 
-def masking_drop(report: dict[str, Any] | None) -> float | None:
-    """Robust accuracy after APGD-T minus the final one (points); > 0 when FAB-T/Square found more.
-
-    Uses :func:`rpat.evaluation.robustness.masking_drop` when the evaluation engine
-    provides it; otherwise reads ``report["extras"]["aa_per_attack"]`` the same way.
-    None without a per-attack record.
-    """
-    if not report:
-        return None
-    from . import robustness
-
-    engine = getattr(robustness, "masking_drop", None)
-    if engine is not None:
-        return engine(report)
-    per = (report.get("extras") or {}).get("aa_per_attack") or report.get("aa_per_attack")
-    if not per:
-        return None
-    gradient = [r for r in per if r.get("attack") in ("apgd-ce", "apgd-t")]
-    if not gradient or per[-1] is gradient[-1]:
-        return None
-    return float(gradient[-1]["robust"]) - float(per[-1]["robust"])
-
-
 def _late_attacks_check(report: dict[str, Any] | None) -> dict[str, Any]:
-    drop = masking_drop(report)
+    drop = masking_drop(report) if report else None
     if drop is None:
         return {"passed": True, "skipped": True,
                 "detail": "skipped: no per-attack AutoAttack record with FAB-T/Square (standard AutoAttack only)"}

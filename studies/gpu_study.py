@@ -195,12 +195,16 @@ def extract(archive: Path, dest: Path, per_class: dict[str, int] | None = None) 
 
 
 # ---- the runs -----------------------------------------------------------------------------------
+#: Set to False when the captured step failed in the probe: the study then trains eagerly.
+GRAPH_OK = True
+
+
 def speed_overrides(device: torch.device) -> list[str]:
     """bf16 + channels_last (+ the CUDA graph when the config has ``speed.cuda_graph``) on CUDA; none on the CPU."""
     if device.type != "cuda":
         return []
     out = ["speed.amp=bf16", "speed.channels_last=true"]
-    if "cuda_graph" in {f.name for f in dataclasses.fields(SpeedConfig)}:
+    if GRAPH_OK and "cuda_graph" in {f.name for f in dataclasses.fields(SpeedConfig)}:
         out.append("speed.cuda_graph=true")
     return out
 
@@ -437,7 +441,16 @@ def run_study(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         n_train = len(train) if train_subset is None else min(train_subset, len(train))
         log(f"data: {len(train):,} training, {len(test):,} test images ({t_data:.1f} s); device {device}")
 
-        probe_out = probe(args, device, train, test, work, log)
+        try:
+            probe_out = probe(args, device, train, test, work, log)
+        except Exception as e:  # a GPU window is too scarce to lose to a failed capture: retry eagerly
+            if "speed.cuda_graph=true" not in speed_overrides(device):
+                raise
+            global GRAPH_OK
+            GRAPH_OK = False
+            log(f"probe with speed.cuda_graph=true failed ({type(e).__name__}: {e}); training eagerly instead")
+            probe_out = probe(args, device, train, test, work, log)
+            probe_out["graph_error"] = f"{type(e).__name__}: {e}"
         t_probe = time.perf_counter() - t_start - t_data
         eval_s = estimate_eval_seconds(args.n_examples, probe_out["eval"]["passes_per_s"])
         rates = [probe_out[m]["images_per_s"] for m in METHODS]

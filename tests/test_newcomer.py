@@ -143,7 +143,8 @@ def test_train_subset_decodes_only_the_images_used(cifar10_jpeg_subset, tmp_path
     from rpat.training.trainer import prepare_data
 
     root = tmp_path / "f"
-    shutil.copytree(cifar10_jpeg_subset, root)
+    # without the decode cache that other tests may have left in the shared fixture folder
+    shutil.copytree(cifar10_jpeg_subset, root, ignore=shutil.ignore_patterns(".rpat-cache"))
     cfg = build_config(None, None, [{"data": {"dataset": "imagefolder", "root": str(root), "train_subset": 50,
                                               "val_size": 30}, "model": {"arch": "small_cnn"}, "device": "cpu"}])
     calls: list[str] = []

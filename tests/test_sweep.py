@@ -113,6 +113,7 @@ def test_tiny_sweep_all_methods_table_skip_and_resume(cifar10_jpeg_subset, tmp_p
                                           "MART + RPAT", "Consistency-AT", "Consistency-AT + RPAT"]
     for r in rows:
         assert r["setting"] == "imagefolder/small_cnn/linf"
+        assert r["best selected on"] == "test (first 10)" and r["test images"] == "6"  # where best.pt came from
         assert all(v != "" for v in r.values()), r  # every cell filled, AA/Mean/NRR included
         for w in ("best", "final"):
             clean, aa = float(r[f"Clean ({w})"]), float(r[f"AA ({w})"])

@@ -282,7 +282,7 @@ def _labels(version: str) -> list[tuple[str, str]]:
 def columns(rows: list[dict[str, Any]]) -> list[str]:
     """The table's columns: :data:`COLUMNS`, with AA(APGD)/Mean(APGD)/NRR(APGD) in place of (or, in a
     mixed sweep, after) AA/Mean/NRR when a row has values there."""
-    cols = ["run", "setting", "method"]
+    cols = ["run", "setting", "method", "best selected on", "test images"]
     for w in EVALS:
         for key, label in METRICS:
             names = [label] + ([label + APGD_SUFFIX] if key in AA_KEYS else [])
@@ -312,14 +312,31 @@ def gather(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
     for run in runs:
         c = run.cfg
         row: dict[str, Any] = {"run": run.name, "setting": f"{c.data.dataset}/{c.model.arch}/{c.attack.norm}",
-                               "method": method_label(c)}
+                               "method": method_label(c), "best selected on": _selection(out / run.name)}
+        counts = set()
         for which in EVALS:
             path = _eval_path(out / run.name, which)
             res = json.loads(path.read_text()) if path.is_file() else {}
+            if res.get("n_examples") is not None:
+                counts.add(int(res["n_examples"]))
             for key, label in _labels(_result_version(res) if res else "standard"):
                 row[f"{label} ({which})"] = res.get(key)
+        row["test images"] = "/".join(str(n) for n in sorted(counts)) or None
         rows.append(row)
     return rows
+
+
+def _selection(run_dir: Path) -> str | None:
+    """Where the run chose best.pt (meta.json's ``selection``, shortened): ``"test (first 1000)"``,
+    ``"validation (1000 train)"``; None before the run has started."""
+    try:
+        sel = json.loads((run_dir / "meta.json").read_text()).get("selection", "")
+    except (OSError, ValueError):
+        return None
+    n = next((w for w in sel.replace(",", "").split() if w.isdigit()), "?")
+    if sel.startswith("validation"):
+        return f"validation ({n} train)"
+    return f"test (first {n})" if sel.startswith("test") else (sel or None)
 
 
 def _fmt(v: Any) -> str:

@@ -155,7 +155,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        "one-thread processes. Under 3 minutes on 2 idle CPU cores. Needs the 'digits' extra: "
                        "pip install 'rpat[digits]'.",
                        epilog="examples:\n  rpat demo\n"
-                       "  rpat demo --n-examples 599            # all test images (5-6 min at commit fc987a8)\n"
+                       "  rpat demo --n-examples 599            # all 599 test images (slower)\n"
                        "  rpat demo --epochs 5 --n-examples 50  # shorter: fewer epochs and test images",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory root (default runs/demo)")

@@ -140,8 +140,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="recompute even if a report with the same settings exists (and drop a saved AutoAttack state)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="split the test images over N processes (torch.distributed.run, gloo on the CPU, "
-                   "cores/N threads each); same numbers as one process")
+                   help="split the test images over N processes by batch (torch.distributed.run, gloo on the "
+                   "CPU, cores/N threads each); same numbers as one process; needs >= N batches")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per phase)")
 
 
@@ -355,6 +355,10 @@ def _relaunch_jobs(args: argparse.Namespace) -> int:
            "-m", "rpat", *args.argv, "--jobs", "1"]  # the last --jobs wins
     print(f"rpat eval: {args.jobs} processes x {threads} thread(s) (torch.distributed.run)", file=sys.stderr,
           flush=True)
+    if args.n_examples is not None and -(-args.n_examples // args.batch_size) < args.jobs:
+        print(f"rpat eval: note: {args.n_examples} images make fewer batches of {args.batch_size} than processes; "
+              f"the work is split by batch, so pass --batch-size {-(-args.n_examples // args.jobs)} or less to keep "
+              "every process busy (the batch size is part of AutoAttack's result)", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     try:
         return proc.wait()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from rpat.experiments.sweep import METHOD_LABELS, collect_runs, gather, run_sweep, run_workers, to_markdown
 from rpat.reports.collect import read_jsonl
-from rpat.sweep import METHOD_LABELS, collect_runs, gather, run_sweep, run_workers, to_markdown
 
 METHODS = ("pgd_at", "trades", "mart", "consistency_at")
 #: Points. The seed study on the same data and model (docs/results.md) measured an across-seed sd of

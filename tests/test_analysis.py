@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from rpat.analysis.ablation import ablation_grid, parse_grid, write_ablation
 from rpat.analysis.consistency import (
     consistency_of_model,
     consistency_of_run,
@@ -26,6 +25,7 @@ from rpat.analysis.smoothness import (
 from rpat.attacks.threat import ThreatModel
 from rpat.cli import main
 from rpat.errors import InputError
+from rpat.experiments.ablation import ablation_grid, parse_grid, write_ablation
 from rpat.models.base import ImageClassifier
 
 SHAPE = (2, 4, 4)  # (C, H, W) of the toy images: d = 32

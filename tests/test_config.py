@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rpat.config import build_config, config_from_dict, list_presets, parse_override
+from rpat.config import build_config, config_from_dict, parse_override
 from rpat.errors import InputError
+from rpat.presets import list_presets
 
 
 def test_presets_match_the_paper():

@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 
 from rpat.data import ArrayDataset
 from rpat.data.loader import shard_order
+from rpat.distributed import DistContext, context_from_env, per_rank_batch_size
 from rpat.errors import InputError
-from rpat.training.distributed import DistContext, context_from_env, per_rank_batch_size
 
 TRAIN_SUBSET = 256  # divisible by the 2 ranks and the global batch 64: 2 steps per rank per epoch
 
@@ -38,8 +38,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import rpat.training.trainer as trainer_mod
     from rpat.config import build_config
+    from rpat.distributed import cleanup
     from rpat.training import Trainer
-    from rpat.training.distributed import cleanup
 
     reductions = []
     real = trainer_mod.all_reduce_sum

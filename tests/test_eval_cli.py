@@ -379,7 +379,7 @@ def test_jobs_refused_under_torchrun(tmp_path, monkeypatch, capsys):
 # ---- sweep: the AutoAttack version -----------------------------------------------------------
 def test_sweep_keeps_apgd_out_of_the_aa_column(tmp_path):
     from rpat.config import build_config
-    from rpat.sweep import SweepRun, gather, is_finished, to_csv, to_markdown
+    from rpat.experiments.sweep import SweepRun, gather, is_finished, to_csv, to_markdown
 
     cfg = build_config("digits_demo", None, [])
     runs = [SweepRun("std", cfg), SweepRun("quick", cfg)]

@@ -122,7 +122,7 @@ def test_list_methods_explains_rebat(what, expected, capsys):
 
 
 def test_list_presets_one_line_descriptions(capsys):
-    from rpat.config import list_presets
+    from rpat.presets import list_presets
 
     assert main(["list", "presets"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

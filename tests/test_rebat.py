@@ -13,9 +13,9 @@ from rpat.config import build_config
 from rpat.data import ArrayDataset
 from rpat.errors import InputError
 from rpat.models import create_model
+from rpat.models.averaging import WeightAverage
 from rpat.objectives import PGDAT, Objective, TeacherTerm
 from rpat.training import RunData, Trainer, prepare_data
-from rpat.training.averaging import WeightAverage
 from rpat.training.trainer import split_validation
 
 EPS = 16 / 255

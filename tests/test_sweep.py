@@ -12,15 +12,8 @@ import torch
 from rpat.cli import main
 from rpat.config import build_config
 from rpat.errors import InputError
-from rpat.sweep import (
-    GRID_ARCHS,
-    GRID_DATASETS,
-    GRID_METHODS,
-    GRID_NORMS,
-    collect_runs,
-    grid_names,
-    method_label,
-)
+from rpat.experiments.sweep import collect_runs, method_label
+from rpat.presets import GRID_ARCHS, GRID_DATASETS, GRID_METHODS, GRID_NORMS, grid_names
 
 METHODS = ("pgd_at", "trades", "mart", "consistency_at")
 
@@ -148,7 +141,7 @@ def test_tiny_sweep_all_methods_table_skip_and_resume(cifar10_jpeg_subset, tmp_p
 
 
 def test_parse_gpus():
-    from rpat.sweep import parse_gpus
+    from rpat.experiments.sweep import parse_gpus
 
     assert parse_gpus("0, 2,3") == ["0", "2", "3"] and parse_gpus(None) == []
     for bad in ("cuda:0", "a,b", ","):
@@ -157,7 +150,7 @@ def test_parse_gpus():
 
 
 def test_a_gpu_listed_twice_runs_two_workers():
-    from rpat.sweep import gpu_workers, parse_gpus
+    from rpat.experiments.sweep import gpu_workers, parse_gpus
 
     w = gpu_workers(parse_gpus("0,0,1,1"))
     assert list(w) == ["gpu0", "gpu0-2", "gpu1", "gpu1-2"]
@@ -168,7 +161,7 @@ def test_a_gpu_listed_twice_runs_two_workers():
 def test_run_workers_deals_runs_and_matches_a_sequential_sweep(tmp_path):
     """Two CPU worker processes (``run_workers``, as ``--gpus`` uses) give the same weights as one process."""
     pytest.importorskip("sklearn")
-    from rpat.sweep import run_sweep, run_workers
+    from rpat.experiments.sweep import run_sweep, run_workers
 
     listing = tmp_path / "two.yaml"
     listing.write_text(

@@ -14,7 +14,6 @@ load too, given the architecture; a DDP ``module.`` prefix is stripped.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .utils import atomic_write
 
 FORMAT = "rpat-checkpoint"
 FORMAT_VERSION = 1
@@ -40,7 +40,7 @@ def _test_slow_save() -> None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with torch.save to a temporary file, fsync, then rename over ``path``.
+    """``torch.save`` through :func:`rpat.utils.atomic_write` (temporary file, fsync, rename, folder fsync).
 
     A kill at any moment leaves either the previous file or the new one, never a
     truncated file. Errors (disk full, unwritable folder) raise InputError and
@@ -48,30 +48,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise InputError(f"cannot write checkpoint {str(path)!r}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, "wb", fsync_dir=True) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _test_slow_save()
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            _test_slow_save()
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise InputError(
             f"cannot write checkpoint {str(path)!r}: {e.strerror or e}; the previous checkpoint is intact"
         ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

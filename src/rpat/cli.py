@@ -276,7 +276,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"rpat {__version__}: {trainer.cfg.describe()} -> {run_dir}", flush=True)
     summary = trainer.fit()
     if trainer.dist.active:  # under torchrun: rank 0 reports (and evaluates); the others are done
-        from .training.distributed import cleanup
+        from .distributed import cleanup
 
         cleanup()
         if not trainer.is_main:
@@ -371,6 +371,7 @@ def _relaunch_jobs(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import functools
 
+    from . import distributed
     from .evaluation.checkpoint_eval import (
         STALE_STATE,
         aa_state_path,
@@ -382,7 +383,6 @@ def _eval(args: argparse.Namespace) -> int:
     )
     from .evaluation.robustness import format_table
     from .evaluation.sanity import summarize
-    from .training import distributed
     from .utils import progress_enabled, resolve_device
 
     ctx = distributed.context_from_env()
@@ -475,13 +475,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _grid_pattern() -> str:
-    from .sweep import GRID_PATTERN
+    from .presets import GRID_PATTERN
 
     return GRID_PATTERN
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import parse_gpus, run_sweep, to_markdown
+    from .experiments.sweep import parse_gpus, run_sweep, to_markdown
 
     out = Path(args.out)
     rows = run_sweep(args.configs, out, overrides=args.overrides,
@@ -501,10 +501,10 @@ METHOD_NOTE = ("each with or without RPAT (--rpat / rpat.enabled=true); ReBAT an
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .config import list_presets, preset_description
     from .data import DATASETS
     from .models import PROXIES, list_models
     from .objectives import list_methods
+    from .presets import list_presets, preset_description
 
     lists = {"models": list_models(), "datasets": sorted(DATASETS), "methods": list_methods(),
              "presets": [*list_presets(), _grid_pattern()], "proxies": list(PROXIES)}
@@ -523,7 +523,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     if args.epochs is not None and args.epochs < 1:
         raise InputError(f"--epochs must be >= 1, got {args.epochs}")

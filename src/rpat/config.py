@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ import yaml
 
 from .attacks.threat import NORMS, ThreatModel, default_threat, format_budget, parse_budget
 from .errors import InputError
+from .presets import preset_dict
 
 if TYPE_CHECKING:
     from .objectives.rebat import TeacherTerm
@@ -276,7 +276,7 @@ class Config:
 
     def _validate_rebat(self) -> None:
         """Checks for weight averaging, the ReBAT / RPAT++ term, the strong adversary and val_size."""
-        from .training.averaging import check_averaging
+        from .models.averaging import check_averaging
 
         if self.data.val_size is not None:
             _positive_int(self.data.val_size, "data.val_size")
@@ -368,33 +368,6 @@ def _coerce(value: Any, current: Any, fld: dataclasses.Field, name: str) -> Any:
     return value
 
 
-def list_presets() -> list[str]:
-    files = resources.files("rpat") / "configs"
-    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
-
-
-PRESET_DESCRIPTIONS = {
-    "cifar10_benchmark": "PGD-AT, CIFAR-10, ResNet-18, l-inf 8/255, 110 epochs (paper Table 1); --rpat adds RPAT",
-    "cifar10_benchmark_l2": "cifar10_benchmark under l2: eps 128/255, step 32/255",
-    "cifar10_benchmark_rpat": "PGD-AT + RPAT (lambda 1, a 0.5, logits), otherwise cifar10_benchmark",
-    "cifar10_rebat": "ReBAT (Table 6): PreActResNet-18, 200 epochs, weight averaging + BoAT term, validation split",
-    "cifar10_rebat_strong": "ReBAT $: cifar10_rebat with eps 10/255, 12 steps after the first lr decay",
-    "cifar10_rpatpp": "RPAT++ (Table 6): cifar10_rebat with the robust-perception teacher target",
-    "cifar10_rpatpp_strong": "RPAT++ $: cifar10_rpatpp with eps 10/255, 12 steps after the first lr decay",
-    "cifar10_sota": "PGD-AT, CIFAR-10, PreActResNet-18, 200 epochs, lr x0.1 at 100 and 150 (paper Sec. 5.3)",
-    "digits_demo": "the offline CPU demo: small CNN on 8x8 digits, l-inf 32/255, 10 epochs (rpat demo)",
-}
-
-
-def preset_description(name: str) -> str:
-    """One line on what a built-in preset trains (its YAML's first comment line when not listed above)."""
-    if name in PRESET_DESCRIPTIONS:
-        return PRESET_DESCRIPTIONS[name]
-    text = (resources.files("rpat") / "configs" / f"{name}.yaml").read_text()
-    first = next((ln for ln in text.splitlines() if ln.startswith("#")), "#")
-    return first.lstrip("# ").strip()
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -405,19 +378,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise InputError(f"config file {str(p)!r} is not valid YAML: {first}") from None
     return data or {}
-
-
-def preset_dict(name: str) -> dict[str, Any]:
-    """A built-in preset's values: a YAML file in ``configs/``, or a composed grid name ``bench/...``."""
-    from .sweep import GRID_PATTERN, grid_preset
-
-    grid = grid_preset(name)
-    if grid is not None:
-        return grid
-    if name not in list_presets():
-        raise InputError(f"unknown preset {name!r}; valid: {', '.join(list_presets())} or {GRID_PATTERN}")
-    text = (resources.files("rpat") / "configs" / f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -1,9 +1,15 @@
-"""Small helpers: devices, seeds, run metadata."""
+"""Small helpers: devices, seeds, run metadata, the one atomic file write."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -54,8 +60,43 @@ def progress_enabled(requested: bool = True, stream: object | None = None) -> bo
 
     Redirected logs get no bars; long phases then log one line with their result instead.
     """
-    import sys
-
     s = sys.stderr if stream is None else stream
     isatty = getattr(s, "isatty", None)
     return bool(requested) and callable(isatty) and bool(isatty())
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", *, tmp_suffix: str = ".tmp",
+                 fsync_dir: bool = False) -> Iterator[IO[Any]]:
+    """Write ``path`` atomically: yields a file open on a temporary file beside it (``.<name>.<random><suffix>``);
+    on success it is flushed, fsynced and renamed over ``path`` (and, with ``fsync_dir``, the folder is fsynced).
+
+    A kill at any moment leaves the previous file or the new one, never a truncated one; on any exception the
+    temporary file is removed and the exception propagates (the caller words the error). The parent folder is
+    created. The one atomic-write helper of rpat: checkpoints, AutoAttack state, dataset caches, downloads and
+    reports all use it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=tmp_suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if fsync_dir:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``path.write_text(text)``, atomically (:func:`atomic_write`)."""
+    with atomic_write(path, "w") as f:
+        f.write(text)

@@ -3,7 +3,7 @@
 - :mod:`rpat.analysis.consistency` -- MSE(h(x), h(x_adv)) and along the path, defended vs failed examples;
 - :mod:`rpat.analysis.smoothness` -- curvature along Δ (second difference and HVP), Jacobian drift,
   spectral norm and the Lipschitz estimate of Theorem 2;
-- :mod:`rpat.analysis.ablation` -- the λ × a grid of Section 5.4.
+(the λ × a ablation of Section 5.4 is an experiment: :mod:`rpat.experiments.ablation`).
 """
 
 from .consistency import consistency_of_checkpoint, consistency_of_model, consistency_of_run, perception_distances

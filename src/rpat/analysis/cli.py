@@ -51,7 +51,7 @@ in bold), plane.png/.pdf (Clean vs AA, arrows baseline -> RPAT), curves.png/.pdf
 
 
 def _csv_floats(text: str, what: str) -> list[float]:
-    from .ablation import parse_grid
+    from ..experiments.ablation import parse_grid
 
     return parse_grid(text, what)
 
@@ -219,7 +219,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_ablation_cmd(args: argparse.Namespace) -> int:
-    from .ablation import ablation_grid, parse_grid, run_ablation, write_ablation
+    from ..experiments.ablation import ablation_grid, parse_grid, run_ablation, write_ablation
 
     grid = ablation_grid(args.method, parse_grid(args.lam, "lam"), parse_grid(args.alpha, "alpha"),
                          preset=args.preset, base_config=args.base_config, overrides=args.overrides,

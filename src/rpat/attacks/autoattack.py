@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..distributed import comm_device, world
 from ..errors import InputError
 from ..utils import progress_enabled
 from .pgd import eval_mode
@@ -210,20 +211,6 @@ def _perturb(adversary: Any, attack: str, x: Tensor, y: Tensor, seed: int) -> Te
 
 
 # --- split over processes ---------------------------------------------------------------
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialized ``torch.distributed`` group, else ``(0, 1)``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def comm_device(device: torch.device) -> torch.device:
-    """Where collectives run: the GPU under NCCL, the CPU otherwise (gloo)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return device
-    return torch.device("cpu")
 
 
 def _merge(robust: Tensor, cleared: Tensor, x_adv: Tensor | None, seconds: float,

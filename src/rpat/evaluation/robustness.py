@@ -28,10 +28,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..attacks.autoattack import ATTACK_LABELS, comm_device, world
+from ..attacks.autoattack import ATTACK_LABELS
 from ..attacks.autoattack import autoattack as run_aa
 from ..attacks.pgd import eval_mode, pgd, random_start
 from ..attacks.threat import ThreatModel, format_budget
+from ..distributed import comm_device, world
 from ..errors import InputError
 from ..utils import progress_enabled
 from .metrics import mean_score, nrr

@@ -61,8 +61,8 @@ from .nonfinite import NonFiniteGuard
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..models.averaging import WeightAverage
     from ..objectives import Objective
-    from .averaging import WeightAverage
 
 
 def phase_key(cfg: Config, epoch: int) -> tuple[Hashable, ...]:

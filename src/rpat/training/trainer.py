@@ -39,16 +39,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ..config import Config, config_from_dict, dump_yaml
-from ..data import ArrayDataset, DeviceLoader, evaluation_subset, get_spec, load_dataset
-from ..data.datasets import PARTIAL_DECODE, count_images
-from ..errors import InputError
-from ..evaluation.robustness import accuracy, pgd_accuracy
-from ..models import create_model
-from ..objectives import RPATTerm, build_objective
-from ..utils import derived_seed, git_commit, make_generator, progress_enabled, resolve_device
-from .averaging import WeightAverage
-from .cuda_graph import GraphTrainStep, phase_key
-from .distributed import (
+from ..data import PARTIAL_DECODE, ArrayDataset, DeviceLoader, count_images, evaluation_subset, get_spec, load_dataset
+from ..distributed import (
     all_reduce_sum,
     context_from_env,
     convert_sync_batchnorm,
@@ -56,6 +48,13 @@ from .distributed import (
     setup,
     wrap_model,
 )
+from ..errors import InputError
+from ..evaluation.robustness import accuracy, pgd_accuracy
+from ..models import create_model
+from ..models.averaging import WeightAverage
+from ..objectives import RPATTerm, build_objective
+from ..utils import derived_seed, git_commit, make_generator, progress_enabled, resolve_device
+from .cuda_graph import GraphTrainStep, phase_key
 from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .schedules import lr_at
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from ..config import build_config, dump_yaml
+from ..config import build_config, config_from_dict, dump_yaml, load_yaml
 from ..errors import InputError
+from ..training import Trainer
 
 
 def parse_grid(text: str | Sequence[float], what: str) -> list[float]:
@@ -94,8 +95,6 @@ def write_ablation(out: str | Path, grid: list[dict[str, Any]]) -> Path:
 
 def run_ablation(manifest: str | Path, *, progress: bool = True, log=print) -> list[dict[str, Any]]:
     """Train every run of an ``ablation.json`` in turn (skip finished ones, resume interrupted ones)."""
-    from ..config import config_from_dict, load_yaml
-    from ..training import Trainer
 
     data = json.loads(Path(manifest).read_text())
     summaries = []

@@ -1,4 +1,4 @@
-"""Data-parallel training on several processes (``torchrun``) with DistributedDataParallel.
+"""The process group: data-parallel training (``torchrun``, DistributedDataParallel) and split evaluation.
 
 Launch the ordinary ``rpat train`` command under ``torchrun``; the trainer
 notices the environment variables torchrun sets and switches to data
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import InputError
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -163,3 +163,17 @@ def cleanup() -> None:
     """Destroy the process group if this module's ``setup`` (or anyone) created one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialized ``torch.distributed`` group, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def comm_device(device: torch.device) -> torch.device:
+    """Where collectives run: the GPU under NCCL, the CPU otherwise (gloo)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")

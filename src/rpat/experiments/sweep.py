@@ -1,25 +1,6 @@
-"""The experiment grid and ``rpat sweep``: train many configs, evaluate, gather one table.
+"""``rpat sweep``: train many configs, evaluate each into a report, gather one table.
 
-The grid
---------
-Grid presets are composed from parts instead of being stored as 144 YAML files::
-
-    bench/<dataset>/<arch>/<norm>/<method>/<variant>
-
-    dataset  cifar10 | cifar100 | tiny-imagenet
-    arch     resnet18 | preact_resnet18 | wrn34_10
-    norm     linf (ε 8/255, step 2/255) | l2 (ε 128/255, step 32/255)
-    method   pgd_at | trades | mart | consistency_at
-    variant  base (no RPAT) | rpat (RPAT, logits proxy)
-             | rpat-second_to_last | rpat-third_to_last (the Table 5 proxy variants)
-
-Every cell is the paper's benchmark setting (Sec. 5.2): PGD-10 training attack,
-SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 110 epochs with lr ×0.1
-at epochs 100 and 105, RPAT λ = 1, a = 0.5, PGD-20 held-out selection on 1,000
-test images. ``base``/``rpat`` over all parts are the 144 cells of the benchmark
-grid; Table 5 is ``bench/cifar10/resnet18/linf/pgd_at/{base,rpat,rpat-second_to_last,
-rpat-third_to_last}``. ``grid_preset(name)`` returns the preset's dict (as a
-YAML preset would load), ``grid_names()`` lists them all.
+The grid of presets it runs (``bench/...``) is composed in :mod:`rpat.presets`.
 
 The sweep
 ---------
@@ -46,64 +27,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import product
 from pathlib import Path
 from typing import Any
 
-from .config import Config, build_config, list_presets, load_yaml
-from .errors import InputError
-
-# ---- the grid ------------------------------------------------------------------------
-GRID_PREFIX = "bench"
-GRID_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet")
-GRID_ARCHS: tuple[str, ...] = ("resnet18", "preact_resnet18", "wrn34_10")
-GRID_NORMS: tuple[str, ...] = ("linf", "l2")
-GRID_METHODS: tuple[str, ...] = ("pgd_at", "trades", "mart", "consistency_at")
-#: variant -> RPAT proxy (None: RPAT off). ``base``/``rpat`` make the 144-cell grid.
-GRID_VARIANTS: dict[str, str | None] = {
-    "base": None, "rpat": "logits", "rpat-second_to_last": "second_to_last", "rpat-third_to_last": "third_to_last",
-}
-GRID_PATTERN = (f"{GRID_PREFIX}/{{{','.join(GRID_DATASETS)}}}/{{{','.join(GRID_ARCHS)}}}/"
-                f"{{{','.join(GRID_NORMS)}}}/{{{','.join(GRID_METHODS)}}}/{{{','.join(GRID_VARIANTS)}}}")
-_BUDGETS = {"linf": ("8/255", "2/255"), "l2": ("128/255", "32/255")}
-
-METHOD_LABELS = {"pgd_at": "PGD-AT", "trades": "TRADES", "mart": "MART", "consistency_at": "Consistency-AT"}
-
-
-def grid_names(variants: tuple[str, ...] = ("base", "rpat")) -> list[str]:
-    """All grid preset names with the given variants (default: the 144 benchmark cells)."""
-    return ["/".join((GRID_PREFIX, *parts))
-            for parts in product(GRID_DATASETS, GRID_ARCHS, GRID_NORMS, GRID_METHODS, variants)]
-
-
-def grid_preset(name: str) -> dict[str, Any] | None:
-    """The config dict of grid preset ``name``; None when ``name`` is not a grid name.
-
-    Raises InputError when ``name`` starts with ``bench/`` but a part is invalid.
-    """
-    parts = name.split("/")
-    if parts[0] != GRID_PREFIX:
-        return None
-    allowed = (GRID_DATASETS, GRID_ARCHS, GRID_NORMS, GRID_METHODS, tuple(GRID_VARIANTS))
-    what = ("dataset", "arch", "norm", "method", "variant")
-    if len(parts) != 6:
-        raise InputError(f"grid preset {name!r} must look like {GRID_PREFIX}/DATASET/ARCH/NORM/METHOD/VARIANT")
-    for part, ok, w in zip(parts[1:], allowed, what, strict=True):
-        if part not in ok:
-            raise InputError(f"grid preset {name!r}: unknown {w} {part!r}; valid: {', '.join(ok)}")
-    _, dataset, arch, norm, method, variant = parts
-    eps, step = _BUDGETS[norm]
-    proxy = GRID_VARIANTS[variant]
-    return {
-        "data": {"dataset": dataset, "batch_size": 128, "augment": True},
-        "model": {"arch": arch},
-        "attack": {"norm": norm, "eps": eps, "step_size": step, "steps": 10},
-        "method": {"name": method},
-        "rpat": {"enabled": proxy is not None, "lam": 1.0, "alpha": 0.5, "proxy": proxy or "logits"},
-        "optim": {"epochs": 110, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "piecewise",
-                  "milestones": [100, 105], "gamma": 0.1},
-        "eval": {"n_examples": 1000, "steps": 20},
-    }
+from ..config import Config, build_config, load_yaml
+from ..errors import InputError
+from ..presets import GRID_PREFIX, list_presets
 
 
 # ---- what to run ---------------------------------------------------------------------
@@ -186,7 +115,7 @@ def _eval_path(run_dir: Path, which: str) -> Path:
 
 
 def _version(autoattack: bool | str | None) -> str:
-    from .evaluation.checkpoint_eval import aa_version
+    from ..evaluation.checkpoint_eval import aa_version
 
     return aa_version(autoattack)
 
@@ -213,7 +142,7 @@ def is_finished(run_dir: Path, n_examples: int | None, autoattack: bool | str) -
 def _same_weights(a: Path, b: Path) -> bool:
     import torch
 
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -230,8 +159,8 @@ def train_and_evaluate(
     log: Callable[[str], None] = print,
 ) -> str:
     """Train (or resume, or skip) one run, then evaluate best.pt and final.pt. Returns what it did."""
-    from .evaluation.checkpoint_eval import aa_state_path, evaluate_for_report, remove_aa_state
-    from .training import Trainer
+    from ..evaluation.checkpoint_eval import aa_state_path, evaluate_for_report, remove_aa_state
+    from ..training import Trainer
 
     run_dir = out / run.name
     if is_finished(run_dir, n_examples, autoattack):

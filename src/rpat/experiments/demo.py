@@ -21,11 +21,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import build_config
-from .evaluation.checkpoint_eval import evaluate_checkpoint
-from .evaluation.robustness import format_table
-from .training import Trainer
-from .utils import progress_enabled
+from ..config import build_config
+from ..evaluation.checkpoint_eval import evaluate_checkpoint
+from ..evaluation.robustness import format_table
+from ..training import Trainer
+from ..utils import progress_enabled
 
 RUNS = (("PGD-AT", "pgd_at", False), ("PGD-AT + RPAT", "pgd_at_rpat", True))
 DEMO_TEST_IMAGES = 100  #: test images evaluated by default (of 599): keeps the demo within ~3 min on 2 cores

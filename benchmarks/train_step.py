@@ -3,9 +3,10 @@
 One step = PGD-10 attack (ℓ∞ 8/255, step 2/255) + PGD-AT loss (+ RPAT by default)
 + backward + SGD update. Variants (``--variants``, comma-separated):
 
-- ``rpat``: the project's step, as the trainer runs it: ``Objective.step``
-  (input-only gradients in the attack, each distinct input forwarded once),
-  ``loss.backward()``, ``opt.step()``, no host sync;
+- ``rpat``: the project's step, the one the trainer runs (``rpat.training.TrainStep``):
+  ``Objective.step`` (input-only gradients in the attack, each distinct input forwarded
+  once), ``loss.backward()``, the non-finite guard, ``opt.step()``, the on-device loss
+  sums, no host sync;
 - ``reference``: the step the way the authors' release builds it
   (``benchmarks/reference_step.py``: ``loss.backward()`` in the attack,
   separate fp32 forwards, ``.item()`` each batch);
@@ -76,7 +77,8 @@ from rpat.attacks.threat import ThreatModel, default_threat  # noqa: E402
 from rpat.errors import InputError  # noqa: E402
 from rpat.models import create_model  # noqa: E402
 from rpat.objectives import RPATTerm, build_objective  # noqa: E402
-from rpat.training.cuda_graph import CapturedStep, sgd_update_  # noqa: E402
+from rpat.training import TrainStep  # noqa: E402
+from rpat.training.cuda_graph import GraphTrainStep  # noqa: E402
 from rpat.utils import resolve_device  # noqa: E402
 
 OPTIONS = ("cl", "bf16", "compile", "graph")
@@ -160,7 +162,8 @@ class Problem:
 
 
 def make_step(problem: Problem, variant: str) -> Callable[[], object]:
-    """A closure running one training step of ``variant`` on the problem's batch (own model and optimizer)."""
+    """A closure running one training step of ``variant`` on the problem's batch (own model and optimizer);
+    it returns the step's loss (a device tensor, no host sync)."""
     base, opts = parse_variant(variant)
     dev = problem.device
     model = problem.model()
@@ -169,50 +172,35 @@ def make_step(problem: Problem, variant: str) -> Callable[[], object]:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator(device=dev).manual_seed(problem.seed + 2)
     if base == "reference":
+        gen = torch.Generator(device=dev).manual_seed(problem.seed + 2)
         return lambda: reference_step(model, opt, x, y, problem.threat, problem.rpat, gen)
     objective = build_objective("pgd_at", problem.threat, problem.rpat)
     net = torch.compile(model) if "compile" in opts else model
-    amp = "bf16" in opts
+    kw = {"model": model, "step_model": net, "objective": objective, "optimizer": opt, "averager": None,
+          "device": dev, "nonfinite": "stop", "amp": "bf16" in opts, "channels_last": "cl" in opts}
     if "graph" in opts:
-        return _graph_step(objective, net, opt, x, y, gen, amp)
+        return _graph_step(GraphTrainStep(**kw, capture=dev.type == "cuda"), x, y, problem.seed + 2)
+    ts = TrainStep(**kw)  # the trainer's step (guard, loss sums and all)
+    ts.start_epoch(0, problem.seed + 2)
 
-    def step() -> torch.Tensor:  # exactly the trainer's inner loop
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = objective.step(net, x, y, epoch=0, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+    def step() -> torch.Tensor:
+        ts(x, y, 0)
+        return ts.terms["loss"]
 
     return step
 
 
-def _graph_step(objective, net: torch.nn.Module, opt: torch.optim.SGD, x: torch.Tensor, y: torch.Tensor,
-                gen: torch.Generator, amp: bool) -> Callable[[], object]:
-    """The ``rpat`` step captured as a CUDA graph (the trainer's ``speed.cuda_graph``); warmed up and
-    captured here, so the returned closure only replays. The batch is fixed, so x, y are the static buffers."""
-    dev = x.device
-    lr = torch.full((), 0.01, device=dev)
-    loss_out = torch.zeros((), device=dev)
-
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-            loss, _ = objective.step(net, x, y, epoch=0, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sgd_update_(opt, lr)
-        loss_out.copy_(loss.detach())
-
-    captured = CapturedStep(step, capture=dev.type == "cuda", warmup=3,
-                            generators=[gen] if dev.type == "cuda" else [])
-    for _ in range(captured.warmup + 1):
-        captured.run(0)
+def _graph_step(gs: GraphTrainStep, x: torch.Tensor, y: torch.Tensor, seed: int) -> Callable[[], object]:
+    """The trainer's step as ``speed.cuda_graph`` runs it (captured on CUDA, the eager stand-in on the CPU);
+    warmed up and captured here, so the returned closure only replays (the batch is fixed)."""
+    gs.start_epoch(0, seed, [0.01])
+    for _ in range(gs.captured.warmup + 1):
+        gs.step(x, y, 0, 0.01, key=0)
 
     def replay() -> torch.Tensor:
-        captured.run(0)
-        return loss_out
+        gs.step(x, y, 0, 0.01, key=0)
+        return gs.train_step.terms["loss"]
 
     return replay
 

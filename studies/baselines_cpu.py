@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from rpat.experiments.sweep import METHOD_LABELS, collect_runs, gather, run_sweep, run_workers, to_markdown
-from rpat.reports.collect import read_jsonl
+from rpat.experiments.sweep import collect_runs, run_sweep, run_workers
+from rpat.objectives import method_label
+from rpat.reports.sweep_table import gather, to_markdown
+from rpat.run_dir import read_jsonl
 
 METHODS = ("pgd_at", "trades", "mart", "consistency_at")
 #: Points. The seed study on the same data and model (docs/results.md) measured an across-seed sd of
@@ -49,7 +51,7 @@ def listing(args: argparse.Namespace) -> str:
 def _pairs(rows: list[dict]) -> list[tuple[str, dict | None, dict | None]]:
     """``(method label, base row, RPAT row)`` per method; a row is None when that run is not in the table."""
     by = {r["method"]: r for r in rows}
-    return [(METHOD_LABELS[m], by.get(METHOD_LABELS[m]), by.get(METHOD_LABELS[m] + " + RPAT")) for m in METHODS]
+    return [(method_label(m), by.get(method_label(m)), by.get(method_label(m, rpat=True))) for m in METHODS]
 
 
 def _delta_lines(rows: list[dict]) -> list[str]:
@@ -203,12 +205,12 @@ def main() -> None:
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.report_only:
-        rows = gather(collect_runs([str(spec)]), out)
+        rows = gather([(r.name, r.cfg) for r in collect_runs([str(spec)])], out)
     elif args.jobs > 1:
         runs = collect_runs([str(spec)])
         run_workers([str(spec)], out, runs, [], args.n_examples, not args.no_autoattack,
                     {f"worker{k}": {"OMP_NUM_THREADS": "1"} for k in range(args.jobs)}, None, log)
-        rows = gather(runs, out)
+        rows = gather([(r.name, r.cfg) for r in runs], out)
     else:
         rows = run_sweep([str(spec)], out, n_examples=args.n_examples, autoattack=not args.no_autoattack,
                          progress=False, log=log)

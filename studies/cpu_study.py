@@ -53,7 +53,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict:
 
     from rpat.config import build_config
     from rpat.evaluation.checkpoint_eval import evaluate_checkpoint
-    from rpat.reports.collect import read_jsonl
+    from rpat.run_dir import read_jsonl
     from rpat.training import Trainer
 
     torch.set_num_threads(args.threads)

@@ -226,9 +226,8 @@ def make_config(args: argparse.Namespace, method: str, seed: int, epochs: int, s
 
 def train_run(cfg: Config, run_dir: Path, train, test, log: Callable[[str], None], overwrite: bool = False) -> dict:
     """Train one config with rpat's Trainer; returns timings and the metrics rows."""
-    from rpat.reports.collect import read_jsonl
-    from rpat.training import Trainer
-    from rpat.training.trainer import prepare_data
+    from rpat.run_dir import read_jsonl
+    from rpat.training import Trainer, prepare_data
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, overwrite=overwrite, progress=False,

@@ -86,3 +86,55 @@ def test_bad_files(tmp_path):
         build_config(None, bad)
     with pytest.raises(InputError, match="unknown preset"):
         build_config("cifar11")
+
+
+# ---- mistakes a new user makes (issue "Every number honest") ---------------------------------------
+def test_a_step_size_above_one_is_refused_with_the_k_over_255_hint():
+    with pytest.raises(InputError, match=r"attack\.step_size=2 is above 1.*did you mean 2/255\? \(attack\.step_size=2/255\)"):
+        build_config(None, None, ["attack.step_size=2"])
+    with pytest.raises(InputError, match=r"eval\.eps=8 is above 1"):
+        build_config(None, None, ["eval.eps=8"])
+    build_config(None, None, ["attack.norm=l2", "attack.eps=2", "attack.step_size=0.5"])  # l2 radii may exceed 1
+
+
+def test_budgets_print_as_written_and_parse_back():
+    from rpat.attacks.threat import format_budget, parse_budget
+
+    for value, text in ((8 / 255, "8/255"), (8 / 2550, "0.8/255"), (0.5 / 255, "0.5/255"), (0.0123456789, "0.0123457")):
+        assert format_budget(value) == text
+        assert parse_budget(text) == pytest.approx(value, rel=1e-5)
+
+
+def test_warnings_name_a_step_larger_than_eps_and_milestones_past_the_end():
+    assert build_config("cifar10_benchmark").warnings() == []
+    ws = build_config(None, None, ["attack.step_size=16/255"]).warnings()
+    assert any("attack.step_size=16/255 is larger than attack.eps=8/255" in w for w in ws)
+    ws = build_config(None, None, ["optim.epochs=2"]).warnings()
+    assert ws == [w for w in ws if "optim.milestones [100, 105] are at or beyond the last epoch (2 epochs)" in w] != []
+
+
+def test_with_epochs_rescales_piecewise_milestones_in_proportion():
+    cfg, note = build_config("cifar10_benchmark").with_epochs(22)
+    assert cfg.optim.epochs == 22 and cfg.optim.milestones == [20, 21]  # 100/110 and 105/110 of 22, floored
+    assert note is not None and "[100, 105]" in note and "[20, 21]" in note
+    cfg, note = build_config(None, None, ["optim.schedule=cosine"]).with_epochs(5)
+    assert note is None and cfg.optim.epochs == 5
+    cfg, _ = build_config("cifar10_benchmark").with_epochs(2)
+    assert cfg.optim.milestones == [1, 1] and cfg.warnings() == []  # never past the last epoch
+
+
+def test_the_banner_shows_the_whole_threat_and_the_label():
+    d = build_config("bench/cifar10/resnet18/linf/trades/rpat").describe()
+    assert d.startswith("TRADES + RPAT | resnet18 on cifar10 | training attack linf eps=8/255 step=2/255 steps=10")
+
+
+def test_an_alias_is_stored_by_its_canonical_name_and_config_yaml_has_resolved_budgets():
+    import yaml
+
+    from rpat.config import dump_yaml
+
+    cfg = build_config(None, None, ["model.arch=resnet-18"])
+    assert cfg.model.arch == "resnet18"
+    d = yaml.safe_load(dump_yaml(cfg))
+    assert d["attack"]["eps"] == "8/255" and d["attack"]["step_size"] == "2/255" and d["eval"]["eps"] == "8/255"
+    assert config_from_dict(d).train_threat() == cfg.train_threat()

@@ -98,6 +98,13 @@ def test_captured_step_warms_up_captures_once_per_key_and_replays():
         CapturedStep(lambda: None, capture=False, warmup=0)
 
 
+def _key(cfg, epoch):
+    """The capture key from a config alone, the way the trainer builds it (``Trainer.phase_key``)."""
+    a = cfg.averaging
+    return phase_key(cfg.objective(), epoch, threat=cfg.train_threat_at(epoch),
+                     averaging_start=a.start_epoch if a.enabled else None)
+
+
 def test_phase_key_changes_exactly_at_the_epoch_switches():
     cfg = build_config(None, None, [
         {"optim": {"epochs": 12, "milestones": [6, 9]},
@@ -105,12 +112,12 @@ def test_phase_key_changes_exactly_at_the_epoch_switches():
          "averaging": {"enabled": True, "start_epoch": 4},
          "rebat": {"enabled": True, "start_epoch": 5, "beta_growth": 2.0},
          "attack": {"strong_after_decay": True}}])
-    keys = [phase_key(cfg, e) for e in range(12)]
+    keys = [_key(cfg, e) for e in range(12)]
     changes = [e for e in range(1, 12) if keys[e] != keys[e - 1]]
     # rpat on at 2, WA at 4, teacher at 5, "$" and beta x2 at 6, beta x4 at 9
     assert changes == [2, 4, 5, 6, 9]
     plain = build_config(None, None, [{"optim": {"epochs": 5, "milestones": [3]}}])
-    assert len({phase_key(plain, e) for e in range(5)}) == 1  # lr decays need no re-capture
+    assert len({_key(plain, e) for e in range(5)}) == 1  # lr decays need no re-capture
 
 
 def test_config_and_device_errors():
@@ -148,7 +155,7 @@ def test_stand_in_gives_exactly_the_eager_trainers_weights(tmp_path, extra):
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     assert _metrics(tmp_path / "eager") == _metrics(tmp_path / "graph")  # loss sums, guard, held-out
     cs = graph.graph_step.captured
-    keys = [phase_key(graph.cfg, e) for e in range(3)]
+    keys = [graph.phase_key(e) for e in range(3)]
     assert cs.capture_keys == [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
     # per epoch 5 full batches + 1 partial (eager, not counted); warm-up 3 steps per new phase
     assert cs.n_eager + cs.n_replays == 15 and cs.n_eager == 3 * len(cs.capture_keys)
@@ -158,16 +165,20 @@ def test_stand_in_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = _cfg("eager", rpat={"enabled": True, "start_epoch": 1})
     _fit(cfg, tmp_path / "a")
     t = Trainer(cfg, tmp_path / "b", data=_data(), progress=False, log=lambda m: None)
-    real = t.graph_step._step
+    real = t.graph_step.train_step
     calls = {"n": 0}
 
-    def flaky(*args):
-        calls["n"] += 1
-        if calls["n"] == 11:  # second epoch (6 steps each), a replay after its phase's re-capture
-            raise KeyboardInterrupt
-        return real(*args)
+    class Flaky:  # the one TrainStep, failing on its 11th call
+        def __getattr__(self, name):
+            return getattr(real, name)
 
-    monkeypatch.setattr(t.graph_step, "_step", flaky)
+        def __call__(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 11:  # second epoch (6 steps each), a replay after its phase's re-capture
+                raise KeyboardInterrupt
+            return real(*args)
+
+    monkeypatch.setattr(t.graph_step, "train_step", Flaky())
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     _fit(cfg, tmp_path / "b", resume=True)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-import rpat.data.datasets as dsmod
+import rpat.data.load as loadmod
 from rpat.data import (
     DATASETS,
     ArrayDataset,
@@ -237,7 +237,7 @@ def test_cache_is_hit_and_invalidated(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(dsmod, "_decode_cifar", boom)
+    monkeypatch.setattr(loadmod, "_decode_cifar", boom)
     second = load_dataset("cifar10", tmp_path, "train", progress=False)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.classes == first.classes
@@ -461,9 +461,9 @@ def test_tiny_imagenet_from_zip(tmp_path):
 def test_imagefolder_on_real_cifar10_jpegs(cifar10_jpeg_subset, tmp_path, monkeypatch):
     root = cifar10_jpeg_subset
     cache = tmp_path / "cache"
-    decode = dsmod._decode_imagefolder
+    decode = loadmod._decode_imagefolder
     calls = []
-    monkeypatch.setattr(dsmod, "_decode_imagefolder", lambda *a: calls.append(1) or decode(*a))
+    monkeypatch.setattr(loadmod, "_decode_imagefolder", lambda *a: calls.append(1) or decode(*a))
     train = load_dataset("imagefolder", root, "train", cache_dir=cache, progress=False)
     test = load_dataset("imagefolder", root, "test", cache_dir=cache, progress=False)
     assert calls == [1, 1]
@@ -481,7 +481,7 @@ def test_imagefolder_on_real_cifar10_jpegs(cifar10_jpeg_subset, tmp_path, monkey
     def boom(*a):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(dsmod, "_decode_imagefolder", boom)
+    monkeypatch.setattr(loadmod, "_decode_imagefolder", boom)
     again = load_dataset("imagefolder", root, "train", cache_dir=cache, progress=False)
     assert torch.equal(again.images, train.images) and again.classes == train.classes
 
@@ -519,6 +519,50 @@ def test_imagefolder_inconsistent_trees(cifar10_jpeg_subset, tmp_path):
         load_dataset("imagefolder", root, "test", progress=False)
     with pytest.raises(InputError, match="no train/ folder"):
         load_dataset("imagefolder", tmp_path / "nowhere", "train", progress=False)
+
+
+def _tiny_folder(root: Path, splits: tuple[str, ...], classes: tuple[str, ...] = ("cat", "dog"),
+                 per_class: int = 2) -> Path:
+    """``root/<split>/<class>/<i>.png``: 4x4 solid images whose red value is ``10 * label + i``."""
+    for split in splits:
+        for label, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (4, 4), (10 * label + i, 0, 0)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_imagefolder_test_split_needs_only_test(tmp_path):
+    root = _tiny_folder(tmp_path / "f", ("test",), classes=("cat", "dog", "eel"))
+    ds = load_dataset("imagefolder", root, "test", progress=False)
+    assert ds.classes == ["cat", "dog", "eel"]  # from test/, there being no train/
+    assert ds.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert ds.images[:, 0, 0, 0].tolist() == [0, 1, 10, 11, 20, 21]  # PNG is lossless: the red values
+    assert loadmod.count_images("imagefolder", root, "test") == 6
+    with pytest.raises(InputError, match="has no train/ folder"):  # training still needs train/
+        load_dataset("imagefolder", root, "train", progress=False)
+    # with train/ there, test/ must still hold the same classes
+    _tiny_folder(root, ("train",), classes=("cat", "dog"))
+    with pytest.raises(InputError, match="only in test: eel"):
+        load_dataset("imagefolder", root, "test", progress=False)
+
+
+def test_missing_cifar_archive_beside_an_image_folder_suggests_imagefolder(tmp_path):
+    root = _tiny_folder(tmp_path / "f", ("train", "test"))
+    with pytest.raises(InputError) as e:
+        load_dataset("cifar10", root, "test", progress=False)
+    assert str(e.value) == (f"cifar10 archive not found at {root / 'cifar-10-python.tar.gz'}, but {root} holds an "
+                            "image folder (train/<class>/<image> or test/<class>/<image>): to use it pass "
+                            "--dataset imagefolder")
+    # only test/ is enough to look like one; an empty tree is not
+    shutil.rmtree(root / "train")
+    with pytest.raises(InputError, match="--dataset imagefolder"):
+        load_dataset("cifar100", root, "test", progress=False)
+    for f in (root / "test").rglob("*.png"):
+        f.unlink()
+    with pytest.raises(InputError) as e:
+        load_dataset("cifar10", root, "test", progress=False)
+    assert "imagefolder" not in str(e.value) and "--download" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------

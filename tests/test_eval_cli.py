@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import rpat.evaluation.checkpoint_eval as ce
+import rpat.evaluation.report as er
 from rpat.attacks.threat import ThreatModel
 from rpat.cli import main
 from rpat.errors import InputError
@@ -25,6 +27,7 @@ from rpat.evaluation.robustness import RobustnessReport, evaluate_robustness
 from rpat.evaluation.sanity import SANITY_CHECKS, masking_drop, run_sanity_checks
 from rpat.models import create_model
 from rpat.models.normalization import NORMALIZE_PRESETS, add_normalization, parse_normalize
+from rpat.run_dir import aa_state_path, report_path_for
 
 pytest.importorskip("sklearn")  # the 8x8 digits
 
@@ -83,9 +86,9 @@ def test_report_location(tmp_path, monkeypatch, capsys):
     _save_plain(run / "best.pt")
     _save_plain(plain / "model_test.pt")
     monkeypatch.chdir(cwd)
-    assert ce.report_path_for(run / "best.pt") == run / "best.eval.json"
-    assert ce.report_path_for(plain / "model_test.pt") == cwd / "model_test.eval.json"
-    assert ce.report_path_for(plain / "model_test.pt", out="x.json") == Path("x.json")
+    assert report_path_for(run / "best.pt") == run / "best.eval.json"
+    assert report_path_for(plain / "model_test.pt") == cwd / "model_test.eval.json"
+    assert report_path_for(plain / "model_test.pt", out="x.json") == Path("x.json")
     assert main(["eval", str(run / "best.pt"), str(plain / "model_test.pt"), *FAST]) == 0
     out = capsys.readouterr().out
     assert f"wrote {run / 'best.eval.json'}" in out and f"wrote {cwd / 'model_test.eval.json'}" in out
@@ -95,7 +98,7 @@ def test_report_location(tmp_path, monkeypatch, capsys):
     if os.geteuid() != 0:  # root writes anywhere
         run.chmod(0o555)
         try:
-            assert ce.report_path_for(run / "best.pt") == cwd / "best.eval.json"
+            assert report_path_for(run / "best.pt") == cwd / "best.eval.json"
         finally:
             run.chmod(0o755)
 
@@ -142,7 +145,7 @@ def test_autoattack_state_is_passed_announced_and_removed(tmp_path, monkeypatch,
     path = tmp_path / "m.pt"
     _save_plain(path)
     out = tmp_path / "r.json"
-    state = ce.aa_state_path(out)
+    state = aa_state_path(out)
     assert state == tmp_path / "r.aa-state.json"
     state.write_text("{}")
     (tmp_path / "r.aa-state.pt").write_bytes(b"x")
@@ -196,7 +199,7 @@ def test_killed_eval_resumes_from_the_last_finished_attack(tmp_path, capsys):
     try:
         assert main(["eval", *args, "--out", str(tmp_path / "whole.json")]) == 0
         out = tmp_path / "r.json"
-        state = ce.aa_state_path(out)
+        state = aa_state_path(out)
         child = subprocess.Popen([sys.executable, "-m", "rpat", "eval", *args, "--out", str(out)], env=_env(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline, done = time.monotonic() + 120, []
@@ -379,10 +382,11 @@ def test_jobs_refused_under_torchrun(tmp_path, monkeypatch, capsys):
 # ---- sweep: the AutoAttack version -----------------------------------------------------------
 def test_sweep_keeps_apgd_out_of_the_aa_column(tmp_path):
     from rpat.config import build_config
-    from rpat.experiments.sweep import SweepRun, gather, is_finished, to_csv, to_markdown
+    from rpat.experiments.sweep import is_finished
+    from rpat.reports.sweep_table import gather, to_csv, to_markdown
 
     cfg = build_config("digits_demo", None, [])
-    runs = [SweepRun("std", cfg), SweepRun("quick", cfg)]
+    runs = [("std", cfg), ("quick", cfg)]
     for run, version, aa in (("std", "standard", 40.0), ("quick", "apgd", 45.0)):
         d = tmp_path / run
         d.mkdir()
@@ -410,7 +414,7 @@ def test_sweep_keeps_apgd_out_of_the_aa_column(tmp_path):
 
 def test_a_stale_state_is_discarded_for_sweeps_and_train_eval(tmp_path, monkeypatch):
     report = tmp_path / "eval_best.json"
-    state = ce.aa_state_path(report)
+    state = aa_state_path(report)
     state.write_text("{}")
     (tmp_path / f"{state.name}.1.pt").write_bytes(b"x")
     seen: list = []
@@ -418,14 +422,17 @@ def test_a_stale_state_is_discarded_for_sweeps_and_train_eval(tmp_path, monkeypa
     def fake(path, *, aa_state=None, **kw):
         seen.append(aa_state)
         if aa_state is not None and Path(aa_state).exists():
-            raise InputError(f"the AutoAttack state {aa_state} was {ce.STALE_STATE} (differs in: seed)")
-        return "report", {}
+            raise InputError(f"the AutoAttack state {aa_state} was {er.STALE_STATE} (differs in: seed)")
+        return SimpleNamespace(extras={}, to_dict=lambda: {"clean": 50.0}), {}
 
-    monkeypatch.setattr(ce, "evaluate_checkpoint", fake)
+    monkeypatch.setattr(er, "evaluate_checkpoint", fake)
     said: list[str] = []
-    assert ce.evaluate_for_report("best.pt", report, say=said.append, autoattack="standard") == ("report", {})
-    assert seen == [state, state] and said == [f"discarding {state}: it was saved by an evaluation with other settings"]
-    assert list(tmp_path.iterdir()) == []
+    # write_report (rpat.evaluation.report) replaced checkpoint_eval.evaluate_for_report: it writes the report too
+    assert er.write_report("best.pt", report, say=said.append, autoattack="standard") == {"clean": 50.0}
+    assert seen == [state, state] and said == [f"resuming AutoAttack from {state}",
+                                               f"discarding {state}: it was saved by an evaluation with other settings",
+                                               f"wrote {report}"]
+    assert list(tmp_path.iterdir()) == [report]
     seen.clear()
-    ce.evaluate_for_report("best.pt", report, autoattack="none")
+    er.write_report("best.pt", report, autoattack="none")
     assert seen == [None]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import re
+import sys
 
 import pytest
 import torch
@@ -324,3 +327,149 @@ def test_run_autoattack_zero_eps_and_bad_input() -> None:
         run_autoattack(model, x, y, PGD20, version="custom")
     with pytest.raises(InputError):
         run_autoattack(model, x[0], y, PGD20)
+
+
+# --- progress bars count images ----------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so ``progress_enabled`` draws the bars into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _totals(out: str, desc: str) -> set[int]:
+    """The totals ``k/N`` that the bars named ``desc`` showed."""
+    return {int(m) for m in re.findall(rf"{re.escape(desc)}:[^\r]*?\| *\d+/(\d+) \[", out)}
+
+
+def test_evaluation_bars_count_images_not_batches(monkeypatch) -> None:
+    model = trained_cnn(4)
+    x, y = blobs(40, 4, seed=4)  # 40 images, one batch of 500: a batch bar would sit at 0/1
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    threat = ThreatModel("linf", 8 / 255, 2 / 255, 5)
+    report = evaluate_robustness(model, x, y, threat, autoattack="apgd", batch_size=500, progress=True)
+    out = term.getvalue()
+    assert _totals(out, "clean") == {40} and _totals(out, "PGD-5") == {40}
+    # each attack's bar counts the images it attacks: those still robust before it
+    per = report.extras["aa_per_attack"]
+    assert [r["attack"] for r in per] == ["clean", "apgd-ce", "apgd-t"] and per[1]["n_robust"] > 0
+    assert _totals(out, "AutoAttack APGD-CE") == {per[0]["n_robust"]}
+    assert _totals(out, "AutoAttack APGD-T") == {per[1]["n_robust"]}
+    assert "img/s" in out and "batch" not in out and "/1 [" not in out
+
+    term.seek(0)
+    term.truncate()
+    # the trainer's held-out calls: bars as asked (the caller decided), over images at any batch size
+    accuracy(model, x, y, batch_size=16, progress=True)
+    pgd_accuracy(model, x, y, threat, batch_size=16, progress=True)
+    out = term.getvalue()
+    assert _totals(out, "clean") == {40} and _totals(out, "PGD-5") == {40}
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    evaluate_robustness(model, x, y, threat, autoattack=False, progress=False)  # no bars when not asked
+    assert sys.stderr.getvalue() == ""
+
+
+# --- the late_attacks sanity check: a count and a rate threshold ----------------------------
+
+
+def _late_report(n: int, after_apgd: int, final: int) -> dict:
+    """A standard-AutoAttack report on ``n`` images: ``after_apgd`` robust after APGD-T, ``final`` at the end."""
+    per = [{"attack": "clean", "robust": 100.0 * n / n, "n_robust": n, "seconds": 0.0},
+           {"attack": "apgd-ce", "robust": 100.0 * after_apgd / n, "n_robust": after_apgd, "seconds": 1.0},
+           {"attack": "apgd-t", "robust": 100.0 * after_apgd / n, "n_robust": after_apgd, "seconds": 1.0},
+           {"attack": "fab-t", "robust": 100.0 * after_apgd / n, "n_robust": after_apgd, "seconds": 1.0},
+           {"attack": "square", "robust": 100.0 * final / n, "n_robust": final, "seconds": 1.0}]
+    return {"clean": 100.0, "pgd": 100.0 * after_apgd / n, "aa": 100.0 * final / n, "n_examples": n,
+            "extras": {"aa_version": "standard", "aa_per_attack": per}}
+
+
+@pytest.mark.parametrize("n, broken, fails", [
+    (300, 1, False),     # the user's case: 1 image, 0.33%: noise
+    (300, 2, False),     # 0.67%: under both floors
+    (300, 3, True),      # 3 images and exactly 1%: both floors reached
+    (100, 2, False),     # 2% but only 2 images
+    (100, 3, True),      # 3 images, 3%
+    (10000, 10, False),  # 10 images but 0.1%
+    (10000, 99, False),  # 0.99%
+    (10000, 100, True),  # 1%
+])
+def test_late_attacks_fails_only_beyond_both_thresholds(n: int, broken: int, fails: bool) -> None:
+    from rpat.evaluation.sanity import LATE_MIN_IMAGES, LATE_MIN_PERCENT, late_attacks_check
+
+    assert (LATE_MIN_IMAGES, LATE_MIN_PERCENT) == (3, 1.0)
+    res = late_attacks_check(_late_report(n, n // 2, n // 2 - broken))
+    assert res["broken"] == broken and res["n_examples"] == n
+    assert res["drop"] == pytest.approx(100.0 * broken / n)
+    assert res["passed"] is not fails and bool(res.get("warning")) is not fails
+    pct = f"{100.0 * broken / n:.2f}%"
+    if fails:
+        assert res["detail"] == (f"FAB-T/Square broke {broken} of {n} images that APGD missed ({pct}), at least 3 "
+                                 "images and 1% of them: a possible sign of gradient masking")
+    else:
+        assert res["detail"] == (f"warning: FAB-T/Square broke {broken} of {n} images that APGD missed ({pct}); "
+                                 "within noise (gradient masking is flagged from at least 3 images and 1% of them)")
+
+
+def test_late_attacks_nothing_found_or_no_record() -> None:
+    from rpat.evaluation.sanity import late_attacks_check
+
+    res = late_attacks_check(_late_report(300, 150, 150))
+    assert res["passed"] and not res.get("warning") and res["broken"] == 0
+    assert res["detail"] == "FAB-T/Square found nothing APGD-CE/APGD-T missed"
+    assert late_attacks_check(None)["skipped"]
+    apgd = _late_report(300, 150, 150)
+    apgd["extras"]["aa_version"] = "apgd"
+    assert late_attacks_check(apgd)["skipped"]
+
+
+def test_sanity_run_reports_a_late_attack_warning_not_a_failure() -> None:
+    from rpat.evaluation.sanity import run_sanity_checks, summarize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4)).eval()
+    x, y = torch.rand(12, 1, 4, 4), torch.randint(0, 4, (12,))
+    warned: list[str] = []
+    logged: list[str] = []
+    report = _late_report(300, 150, 149)
+    report["pgd"] = 0.5  # skips the attack checks: only the bookkeeping is under test
+    report["aa"] = 0.0
+    res = run_sanity_checks(model, x, y, ThreatModel("linf", 8 / 255, 2 / 255, 2), report=report,
+                            warn=warned.append, log=logged.append)
+    assert "late_attacks" not in res["failed"] and res["warnings"] == ["late_attacks"]
+    assert res["checks"]["late_attacks"]["passed"] and res["checks"]["late_attacks"]["warning"]
+    assert warned == ["rpat: warning: sanity check late_attacks: FAB-T/Square broke 1 of 300 images that APGD "
+                      "missed (0.33%); within noise (gradient masking is flagged from at least 3 images and 1% of "
+                      "them)"]
+    line = next(m for m in logged if m.startswith("sanity late_attacks"))
+    assert "FAILED" not in line and ": warning: FAB-T/Square broke 1 of 300 images" in line
+    assert "FAILED" not in summarize(res) and "1 warning (late_attacks)" in summarize(res)
+    # beyond both thresholds it fails, with the counts
+    res = run_sanity_checks(model, x, y, ThreatModel("linf", 8 / 255, 2 / 255, 2),
+                            report={**_late_report(300, 150, 140), "pgd": 0.5, "aa": 0.0}, warn=warned.append)
+    assert res["failed"] == ["late_attacks"] and res["checks"]["late_attacks"]["drop"] == pytest.approx(10 / 3)
+    assert "broke 10 of 300 images" in warned[-1] and "gradient masking" in warned[-1]
+
+
+# --- eval settings of a plain state_dict: the architecture from the weights ------------------
+
+
+def test_eval_settings_infers_the_architecture_before_any_data(tmp_path, monkeypatch) -> None:
+    import rpat.evaluation.checkpoint_eval as ce
+    from rpat.models import create_model
+
+    def no_data(*a, **k):
+        raise AssertionError("eval_settings read the dataset")
+
+    monkeypatch.setattr(ce, "load_dataset", no_data)
+    path = tmp_path / "plain.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("small_cnn", num_classes=10, in_chans=1).state_dict(), path)
+    _, settings = ce.eval_settings(path, dataset="digits", autoattack="none")
+    assert settings["arch"] == "small_cnn" and settings["dataset"] == "digits"
+    # the weights take 1 channel, CIFAR-10 has 3: no model fits, and --arch is asked for
+    with pytest.raises(InputError, match=r"plain state_dict and its keys and shapes fit none of rpat's models with "
+                                         r"10 classes and 3 input channel\(s\): name its architecture with --arch"):
+        ce.eval_settings(path, dataset="cifar10", autoattack="none")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rpat.errors import InputError
-from rpat.models import PROXIES, ImageClassifier, create_model, list_models, load_weights
+from rpat.models import PROXIES, ImageClassifier, create_model, infer_arch, list_models, load_weights
 from rpat.models.wide_resnet import WideResNet
 
 CANONICAL = ["preact_resnet18", "resnet18", "small_cnn", "wrn28_10", "wrn34_10"]
@@ -267,6 +267,32 @@ def test_load_weights_wrong_num_classes_names_head_shape():
     msg = str(err.value)
     assert "shape of 'linear.weight' is (100, 512) in the checkpoint but (10, 512) in the model" in msg
     assert "100 classes" in msg and "--arch" in msg
+
+
+def test_infer_arch_from_keys_and_shapes():
+    resnet = create_model("resnet18", num_classes=10).state_dict()
+    small = create_model("small_cnn", num_classes=10, in_chans=1).state_dict()
+    assert infer_arch(resnet) == ["resnet18"]
+    assert infer_arch(small) == ["small_cnn"]
+    # the renames load_weights applies: wrapper prefixes, old BatchNorm keys
+    assert infer_arch({f"module._orig_mod.{k}": v for k, v in resnet.items()}) == ["resnet18"]
+    assert infer_arch({k: v for k, v in resnet.items() if not k.endswith("num_batches_tracked")}) == ["resnet18"]
+    # sizes: free by default, fixed when given
+    assert infer_arch(create_model("resnet18", num_classes=100).state_dict()) == ["resnet18"]
+    assert infer_arch(resnet, num_classes=10, in_chans=3) == ["resnet18"]
+    assert infer_arch(resnet, num_classes=100) == [] and infer_arch(small, in_chans=3) == []
+    # one key missing, one shape changed, or no state_dict at all: nothing fits
+    assert infer_arch({k: v for k, v in resnet.items() if k != "linear.bias"}) == []
+    assert infer_arch({**resnet, "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}) == []
+    assert infer_arch({"encoder.weight": torch.zeros(3)}) == [] and infer_arch({}) == []
+    assert infer_arch({"conv1.weight": 3}) == []
+
+
+def test_infer_arch_tells_the_two_wide_resnets_and_preact_apart():
+    with torch.device("meta"):
+        sds = {name: create_model(name).state_dict() for name in ("preact_resnet18", "wrn28_10", "wrn34_10")}
+    for name, sd in sds.items():
+        assert infer_arch(sd) == [name]
 
 
 # --------------------------------------------------------------------------- trains

@@ -138,9 +138,9 @@ def test_list_presets_one_line_descriptions(capsys):
 def test_train_subset_decodes_only_the_images_used(cifar10_jpeg_subset, tmp_path, monkeypatch):
     import shutil
 
-    import rpat.data.datasets as dsmod
+    import rpat.data.formats as formats
     from rpat.data import load_dataset
-    from rpat.training.trainer import prepare_data
+    from rpat.training import prepare_data
 
     root = tmp_path / "f"
     # without the decode cache that other tests may have left in the shared fixture folder
@@ -148,8 +148,8 @@ def test_train_subset_decodes_only_the_images_used(cifar10_jpeg_subset, tmp_path
     cfg = build_config(None, None, [{"data": {"dataset": "imagefolder", "root": str(root), "train_subset": 50,
                                               "val_size": 30}, "model": {"arch": "small_cnn"}, "device": "cpu"}])
     calls: list[str] = []
-    real = dsmod._decode_image
-    monkeypatch.setattr(dsmod, "_decode_image", lambda src, where: calls.append(where) or real(src, where))
+    real = formats._decode_image
+    monkeypatch.setattr(formats, "_decode_image", lambda src, where: calls.append(where) or real(src, where))
     part = prepare_data(cfg, progress=False)
     assert len(calls) == 80 == len(set(calls))  # 50 training + 30 validation images of 400, no test images
     full = load_dataset("imagefolder", root, "train", cache_dir=tmp_path / "other-cache", progress=False)

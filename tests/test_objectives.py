@@ -10,7 +10,19 @@ from torch import nn
 from rpat.attacks.threat import ThreatModel
 from rpat.errors import InputError
 from rpat.models.base import ImageClassifier
-from rpat.objectives import RPATTerm, build_objective, robust_perception_loss
+from rpat.objectives import (
+    MART,
+    METHODS,
+    PGDAT,
+    TRADES,
+    ConsistencyAT,
+    Objective,
+    RPATTerm,
+    TeacherTerm,
+    build_objective,
+    method_label,
+    robust_perception_loss,
+)
 
 
 class Quadratic(ImageClassifier):
@@ -205,3 +217,80 @@ def test_objective_step_attacks_then_trains():
 def test_unknown_method():
     with pytest.raises(InputError, match="valid: consistency_at, mart, pgd_at, trades"):
         build_objective("fgsm", _threat())
+
+
+def test_phase_changes_exactly_where_loss_adds_the_terms():
+    # RPAT from epoch 2; teacher from epoch 3 with beta 0.5, x2 at milestones 4 and 6
+    torch.manual_seed(0)
+    m = MLP().train()
+    teacher = MLP().eval()
+    x = torch.rand(6, 1, 2, 2)
+    y = torch.randint(0, 3, (6,))
+    xa = (x + 0.1).clamp(0, 1)
+    obj = build_objective("pgd_at", _threat(), RPATTerm(lam=2.0, start_epoch=2),
+                          TeacherTerm(beta=0.5, start_epoch=3, beta_growth=2.0, milestones=(4, 6)))
+    obj.teacher.bind(teacher)
+    want_beta = {3: 0.5, 4: 1.0, 5: 1.0, 6: 2.0, 7: 2.0}
+    ce = F.cross_entropy(m(xa), y).item()
+    phases = []
+    for e in range(8):
+        key = obj.phase(e)
+        hash(key)
+        phases.append(key)
+        assert key == (e >= 2, e >= 3, want_beta.get(e, 0.0))
+        total, terms = obj.loss(m, x, y, xa, epoch=e)
+        assert set(terms) == {"ce_adv", "loss"} | ({"rpat"} if key[0] else set()) | ({"boat"} if key[1] else set())
+        hand = ce + (2.0 * terms["rpat"].item() if e >= 2 else 0.0) + want_beta.get(e, 0.0) * (
+            terms["boat"].item() if e >= 3 else 0.0)
+        assert total.item() == pytest.approx(hand, rel=1e-6)
+        if e >= 3:
+            assert terms["boat"].item() > 1e-6  # a nonzero KL, so the beta used is visible in the total
+    changes = [e for e in range(1, 8) if phases[e] != phases[e - 1]]
+    assert changes == [2, 3, 4, 6]
+
+
+def test_phase_of_a_plain_method():
+    obj = build_objective("trades", _threat())
+    assert [obj.phase(e) for e in (0, 5)] == [(False, False, 0.0)] * 2
+    assert isinstance(obj, Objective)
+
+
+def test_one_label_per_class():
+    assert {n: c.label for n, c in METHODS.items()} == {
+        "pgd_at": "PGD-AT", "trades": "TRADES", "mart": "MART", "consistency_at": "Consistency-AT"}
+    labels = (PGDAT.label, TRADES.label, MART.label, ConsistencyAT.label)
+    assert labels == ("PGD-AT", "TRADES", "MART", "Consistency-AT")
+    assert RPATTerm.label == RPATTerm().label == "RPAT"
+    assert TeacherTerm().label == "ReBAT"
+    assert TeacherTerm(target="robust_perception").label == "RPAT++"
+
+
+@pytest.mark.parametrize("method, rpat, want", [
+    ("pgd_at", False, "PGD-AT"), ("pgd_at", True, "PGD-AT + RPAT"),
+    ("trades", False, "TRADES"), ("trades", True, "TRADES + RPAT"),
+    ("mart", False, "MART"), ("mart", True, "MART + RPAT"),
+    ("consistency_at", False, "Consistency-AT"), ("consistency_at", True, "Consistency-AT + RPAT"),
+])
+def test_method_label(method, rpat, want):
+    assert method_label(method, rpat) == want
+
+
+def test_method_label_proxy_and_teacher_runs():
+    assert method_label("pgd_at", True, "second_to_last") == "PGD-AT + RPAT (second_to_last)"
+    assert method_label("mart", True, "third_to_last") == "MART + RPAT (third_to_last)"
+    assert method_label("pgd_at", False, "second_to_last") == "PGD-AT"  # proxy only matters with RPAT
+    assert method_label("pgd_at", teacher_target="adversarial") == "ReBAT"
+    assert method_label("pgd_at", teacher_target="robust_perception") == "RPAT++"
+    assert method_label("trades", teacher_target="adversarial") == "ReBAT (TRADES)"
+    assert method_label("pgd_at", True, teacher_target="adversarial") == "ReBAT + RPAT"
+
+
+def test_method_label_bad_names():
+    with pytest.raises(InputError, match="valid: consistency_at, mart, pgd_at, trades"):
+        method_label("fgsm")
+    with pytest.raises(InputError, match="valid: consistency_at, mart, pgd_at, trades"):
+        method_label("consistency")
+    with pytest.raises(InputError, match="rebat.target"):
+        method_label("pgd_at", teacher_target="boat")
+    with pytest.raises(InputError, match="proxy"):
+        method_label("pgd_at", True, "embedding")

@@ -16,7 +16,7 @@ from rpat.models import create_model
 from rpat.models.averaging import WeightAverage
 from rpat.objectives import PGDAT, Objective, TeacherTerm
 from rpat.training import RunData, Trainer, prepare_data
-from rpat.training.trainer import split_validation
+from rpat.training.run_data import split_validation
 
 EPS = 16 / 255
 

@@ -22,7 +22,7 @@ from rpat.data import load_dataset
 from rpat.errors import InputError
 from rpat.evaluation.sanity import SANITY_CHECKS, run_sanity_checks
 from rpat.models import create_model
-from rpat.objectives.base import Objective
+from rpat.objectives.objective import Objective
 from rpat.training import Trainer
 from rpat.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 
@@ -111,13 +111,15 @@ def test_signal_during_first_epoch_is_resumable(reference, tmp_path, monkeypatch
     assert _equal(_weights(reference / "final.pt"), _weights(run / "final.pt"))
 
 
-def test_signal_during_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("which", ["after_held_out", "before_held_out"])
+def test_signal_during_checkpoint_write_waits_for_it(which, tmp_path, monkeypatch):
     import rpat.training.trainer as trainer_mod
 
     real = trainer_mod.atomic_save
 
     def save(obj, path):
-        if path.name == "last.pt" and obj["epoch"] == 2:
+        # last.pt is written twice per epoch: before the held-out evaluation (marked pending), then after it
+        if path.name == "last.pt" and obj["epoch"] == 2 and ("held_out_pending" in obj) == (which == "before_held_out"):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while the epoch-boundary writes run
         return real(obj, path)
 
@@ -129,7 +131,23 @@ def test_signal_during_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ck["epoch"] == 2  # the write finished before the stop
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [0, 1]
+    if which == "after_held_out":
+        assert [json.loads(r)["epoch"] for r in rows] == [0, 1]
+        assert "held_out_pending" not in ck
+        return
+    # stopped before epoch 2's held-out evaluation: the trained epoch is kept, its row comes on resume
+    assert [json.loads(r)["epoch"] for r in rows] == [0] and "held_out_pending" in ck
+    assert "holds 2 finished epoch(s) (the resume evaluates epoch 2 first)" in str(e.value)
+    monkeypatch.undo()
+    assert _train(tmp_path / "run", "--resume") == 0
+    reference = tmp_path / "uninterrupted"
+    Trainer(_cfg(), reference, progress=False, log=lambda m: None).fit()
+    for name in ("final.pt", "best.pt", "last.pt"):
+        assert _equal(_weights(reference / name), _weights(tmp_path / "run" / name)), name
+    got = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    keys = ("epoch", "train_loss", "held_out_clean", "held_out_pgd", "best")
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in ref]
 
 
 # ---- full disk, unwritable folders ------------------------------------------------------

@@ -60,17 +60,18 @@ def test_table_values_and_best_marks(runs_root):
     lines = md.strip().splitlines()
     assert lines[0].startswith("| method | Clean (best) | Clean (final) | PGD-20 (best) | PGD-20 (final)")
     rpat_row = [c.strip() for c in lines[3].strip("|").split("|")]
-    # column maxima: Clean best 81.5 and Clean final 83 (RPAT row); AA best 47 and AA final 46 (TRADES row)
+    # column maxima: Clean best 81.5 and Clean final 83 (RPAT row); AA best 47 and AA final 46 (TRADES row),
+    # yet none is bold: these evaluations do not say how many images they used, so their noise is unknown
     assert rpat_row[0] == "PGD-AT + RPAT"
-    assert rpat_row[1] == "**81.50**" and rpat_row[2] == "**83.00**"
+    assert rpat_row[1] == "81.50" and rpat_row[2] == "83.00"
     assert rpat_row[5] == "46.25" and rpat_row[6] == "44.50"
     trades_row = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert trades_row[3] == "**52.50**" and trades_row[5] == "**47.00**" and trades_row[6] == "**46.00**"
+    assert trades_row[3] == "52.50" and trades_row[5] == "47.00" and trades_row[6] == "46.00"
     # Mean (best) of PGD-AT + RPAT = (81.5 + 46.25)/2 = 63.875 -> 63.88, and it is the best Mean (best)
-    assert rpat_row[7] == "**63.88**"
+    assert rpat_row[7] == "63.88"
     nrr = 2 * 81.5 * 46.25 / (81.5 + 46.25)
-    assert rpat_row[9] == f"**{nrr:.2f}**"
-    assert md.count("**") == 2 * len(cols)  # exactly one best per column here (no ties)
+    assert rpat_row[9] == f"{nrr:.2f}"
+    assert md.count("**") == 0  # no image counts, no standard errors: nothing is bold
 
 
 def test_ties_are_all_marked_and_missing_values(tmp_path):
@@ -88,22 +89,22 @@ def test_ties_are_all_marked_and_missing_values(tmp_path):
     md = markdown_table(runs, columns_for(("final",), ("clean", "pgd", "aa")))
     rows = md.strip().splitlines()[2:]
     # a tie marks both; missing is "-"; AA has one value only, so nothing is "best" there
-    assert rows[0] == "| PGD-AT | **70.00** | **40.00** | 30.00 | eval_final.json |"
-    assert rows[1] == "| PGD-AT + RPAT | **70.00** | 27.00 | - | training log, epoch 4, held-out images |"
+    assert rows[0] == "| PGD-AT | 70.00 | 40.00 | 30.00 | eval_final.json |"
+    assert rows[1] == "| PGD-AT + RPAT | 70.00 | 27.00 | - | training log, epoch 4, held-out images |"
 
 
 def test_csv_and_latex(runs_root):
     runs = load_runs([runs_root])
     cols = columns_for(("best", "final"), ("clean", "aa"))
     rows = list(csv.reader(io.StringIO(csv_table(runs, cols))))
-    assert rows[0] == ["method", "run_dir", "clean_best", "clean_final", "aa_best", "aa_final", "source_best",
-                       "source_final"]
-    assert rows[2][0] == "PGD-AT + RPAT" and rows[2][2:6] == ["81.50", "83.00", "46.25", "44.50"]
-    assert rows[2][6:] == ["best.eval.json; best.pt selected on held-out images", "final.eval.json"]
+    assert rows[0] == ["method", "run_dir", "clean_best", "clean_best_se", "clean_final", "clean_final_se",
+                       "aa_best", "aa_best_se", "aa_final", "aa_final_se", "source_best", "source_final"]
+    assert rows[2][0] == "PGD-AT + RPAT" and rows[2][2:10] == ["81.50", "", "83.00", "", "46.25", "", "44.50", ""]
+    assert rows[2][10:] == ["best.eval.json; best.pt selected on held-out images", "final.eval.json"]
     tex = latex_table(runs, cols, caption="CIFAR-10 & 50% <x>")
     assert r"\multicolumn{2}{c}{Clean} & \multicolumn{2}{c}{AA}" in tex
-    assert r"PGD-AT + RPAT & \textbf{81.50} & \textbf{83.00} & 46.25 & 44.50 \\" in tex
-    assert r"CIFAR-10 \& 50\% <x>" in tex and tex.count(r"\textbf") == 4
+    assert r"PGD-AT + RPAT & 81.50 & 83.00 & 46.25 & 44.50 \\" in tex
+    assert r"CIFAR-10 \& 50\% <x>" in tex and tex.count(r"\textbf") == 0
     assert r"Sources: PGD-AT (best): eval\_best.json" in tex
 
 
@@ -143,7 +144,7 @@ def test_cli_report(runs_root, tmp_path, capsys):
     assert main(["report", str(runs_root / "pgdat"), str(runs_root / "pgdat_rpat"), "--out", str(out),
                  "--which", "final", "--formats", "png", "--labels", "base", "rpat"]) == 0
     text = capsys.readouterr().out
-    assert "| base | 82.00 | **48.00** | 44.00 |" in text and "| rpat | **83.00** | 47.00 | **44.50** |" in text
+    assert "| base | 82.00 | 48.00 | 44.00 |" in text and "| rpat | 83.00 | 47.00 | 44.50 |" in text
     assert (out / "plane.png").exists() and not (out / "plane.pdf").exists()
     assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
@@ -166,9 +167,9 @@ def test_table_names_each_cells_source_and_image_count(tmp_path):
     md = markdown_table(load_runs([root]), columns_for(("best", "final"), ("clean",)))
     lines = md.strip().splitlines()
     assert lines[0] == "| method | Clean (best) | Clean (final) | source (best) | source (final) |"
-    assert lines[2] == ("| PGD-AT | 60.00 | 71.00 | training log, epoch 3, first 1000 test images "
+    assert lines[2] == ("| PGD-AT | 60.00 ± 1.55† | 71.00 ± 3.21 | training log, epoch 3, first 1000 test images "
                         "| final.eval.json, 200 cifar10 test images |")
-    assert lines[3] == ("| PGD-AT + RPAT | **72.00** | **73.00** | eval_best.json; best.pt selected on "
+    assert lines[3] == ("| PGD-AT + RPAT | 72.00 | 73.00 | eval_best.json; best.pt selected on "
                         "500 validation images | eval_final.json |")
 
 

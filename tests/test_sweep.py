@@ -12,7 +12,7 @@ import torch
 from rpat.cli import main
 from rpat.config import build_config
 from rpat.errors import InputError
-from rpat.experiments.sweep import collect_runs, method_label
+from rpat.experiments.sweep import collect_runs
 from rpat.presets import GRID_ARCHS, GRID_DATASETS, GRID_METHODS, GRID_NORMS, grid_names
 
 METHODS = ("pgd_at", "trades", "mart", "consistency_at")
@@ -45,8 +45,8 @@ def test_table5_proxy_variants():
     for proxy in ("second_to_last", "third_to_last"):
         cfg = build_config(f"bench/cifar10/resnet18/linf/pgd_at/rpat-{proxy}")
         assert cfg.rpat.enabled and cfg.rpat.proxy == proxy
-        assert method_label(cfg) == f"PGD-AT + RPAT ({proxy})"
-    assert method_label(build_config("bench/cifar10/resnet18/linf/mart/rpat")) == "MART + RPAT"
+        assert cfg.label() == f"PGD-AT + RPAT ({proxy})"
+    assert build_config("bench/cifar10/resnet18/linf/mart/rpat").label() == "MART + RPAT"
 
 
 @pytest.mark.parametrize("name,msg", [
@@ -106,7 +106,7 @@ def test_tiny_sweep_all_methods_table_skip_and_resume(cifar10_jpeg_subset, tmp_p
                                           "MART + RPAT", "Consistency-AT", "Consistency-AT + RPAT"]
     for r in rows:
         assert r["setting"] == "imagefolder/small_cnn/linf"
-        assert r["best selected on"] == "test (first 10)" and r["test images"] == "6"  # where best.pt came from
+        assert r["best selected on"] == "first 10 test images" and r["test images"] == "6"  # where best.pt came from
         assert all(v != "" for v in r.values()), r  # every cell filled, AA/Mean/NRR included
         for w in ("best", "final"):
             clean, aa = float(r[f"Clean ({w})"]), float(r[f"AA ({w})"])

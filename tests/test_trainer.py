@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import signal
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from rpat.config import build_config
 from rpat.data import ArrayDataset
 from rpat.errors import InputError
 from rpat.training import RunData, Trainer
+from rpat.training.signals import TrainingInterrupted
+from rpat.training.trainer import format_duration
 
 
 def _data(n_train: int = 96, n_test: int = 48) -> RunData:
@@ -135,3 +141,130 @@ def test_save_every_keeps_per_epoch_checkpoints(tmp_path):
     assert kept == ["epoch_0002.pt"]
     ck = load_checkpoint(run / "epochs" / "epoch_0002.pt")
     assert ck["epoch"] == 2 and "held_out" in ck
+
+
+# ---- progress off a terminal: a step line every progress_every_s seconds ---------------------
+class _NotATerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def test_step_lines_off_a_terminal_only_past_the_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _NotATerminal())  # as under `rpat train ... > log 2>&1`
+    cfg = _cfg(epochs=2)
+    lines: list[str] = []
+    t = Trainer(cfg, tmp_path / "every", data=_data(), progress=True, log=lines.append)
+    assert t.progress is False and t.step_lines is True and t.progress_every_s == 30.0
+    t.progress_every_s = 0.0  # a line at every step boundary but the last
+    losses: list[float] = []
+    real_step = t.objective.step
+
+    def step_and_record(*args, **kwargs):
+        loss, terms = real_step(*args, **kwargs)
+        losses.append(float(loss.detach()))
+        return loss, terms
+
+    monkeypatch.setattr(t.objective, "step", step_and_record)
+    t.fit()
+    step = [ln for ln in lines if " step " in ln]
+    assert [ln.split(" (")[0] for ln in step] == ["epoch 1/2 step 1/3", "epoch 1/2 step 2/3",
+                                                  "epoch 2/2 step 1/3", "epoch 2/2 step 2/3"]
+    for ln in step:
+        assert re.fullmatch(r"epoch \d/2 step \d/3 \(\d+%\) \d+ img/s, ETA \d+ s \| ce_adv=\d\.\d{4} loss=\d\.\d{4}",
+                            ln), ln
+    assert "(33%)" in step[0] and "(67%)" in step[1]
+    # each epoch's step lines come before its epoch line
+    assert lines.index(step[1]) < next(i for i, ln in enumerate(lines) if ln.startswith("epoch 1/2 lr="))
+    # the loss shown is the running mean of the epoch's batch losses so far (3 batches of 32)
+    shown = [float(ln.rsplit("loss=", 1)[1]) for ln in step]
+    expected = [sum(losses[e * 3:e * 3 + k]) / k for e in range(2) for k in (1, 2)]
+    assert shown == pytest.approx(expected, abs=6e-5)
+
+    quiet: list[str] = []  # the default interval: a tiny run logs only its epoch lines
+    Trainer(cfg, tmp_path / "default", data=_data(), progress=True, log=quiet.append).fit()
+    assert [ln.split(" lr=")[0] for ln in quiet] == ["epoch 1/2", "epoch 2/2"]
+    off: list[str] = []  # progress=False (--no-progress): no step lines either
+    t_off = Trainer(cfg, tmp_path / "off", data=_data(), progress=False, log=off.append)
+    t_off.progress_every_s = 0.0
+    t_off.fit()
+    assert not [ln for ln in off if " step " in ln]
+    # reading the running loss at the lines changes nothing in the run
+    for name in ("final.pt", "last.pt"):
+        a, b = _weights(tmp_path / "every" / name), _weights(tmp_path / "off" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 0.4, 42, 59.6, 66, 3599, 3600, 7530)] == [
+        "0 s", "0 s", "42 s", "1 min 0 s", "1 min 6 s", "59 min 59 s", "1 h 0 min", "2 h 5 min"]
+
+
+# ---- a stop during the held-out evaluation keeps the trained epoch ---------------------------
+def _rows(run) -> list[dict]:
+    wall = {"train_seconds", "train_images_per_s"}  # wall-clock numbers differ between any two runs
+    return [{k: v for k, v in json.loads(x).items() if k not in wall}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("averaging", [False, True])
+@pytest.mark.parametrize("where", ["held_out_eval", "after_metrics_row"])
+def test_stop_in_held_out_evaluation_keeps_the_epoch_and_resume_is_exact(where, averaging, tmp_path, monkeypatch):
+    extra = {"averaging": {"enabled": True, "decay": 0.5}} if averaging else {}
+    cfg = _cfg(rpat={"enabled": True}, **extra)
+    quiet = {"data": _data(), "progress": False, "log": lambda m: None}
+    Trainer(cfg, tmp_path / "a", **quiet).fit()
+
+    t = Trainer(cfg, tmp_path / "b", **quiet)
+    if where == "held_out_eval":  # Ctrl-C while epoch 2's held-out PGD runs
+        real_eval, calls = t.evaluate_held_out, {"n": 0}
+
+        def evaluate(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == (3 if averaging else 2):  # epoch 2's first evaluation
+                raise TrainingInterrupted(signal.SIGINT)
+            return real_eval(*args, **kwargs)
+
+        monkeypatch.setattr(t, "evaluate_held_out", evaluate)
+    else:  # a kill (SIGKILL: no critical section helps) after epoch 2's metrics row, before last.pt
+        real_save = t._save_last
+
+        def save_last(done, held_out_pending=None):
+            if done == 2 and held_out_pending is None:
+                raise KeyboardInterrupt
+            return real_save(done, held_out_pending)
+
+        monkeypatch.setattr(t, "_save_last", save_last)
+    with pytest.raises(KeyboardInterrupt) as e:
+        t.fit()
+    b = tmp_path / "b"
+    ck = load_checkpoint(b / "last.pt")
+    assert ck["epoch"] == 2 and ck["held_out_pending"]["loss"] == _rows(tmp_path / "a")[1]["train_loss"]
+    assert [r["epoch"] for r in _rows(b)] == ([0] if where == "held_out_eval" else [0, 1])
+    if where == "held_out_eval":
+        msg = str(e.value)
+        assert "stopped by SIGINT in the held-out evaluation of epoch 2/3" in msg, msg
+        assert "holds 2 finished epoch(s)" in msg and f"rpat train --run-dir {b} --resume" in msg
+    monkeypatch.undo()
+
+    lines: list[str] = []
+    resumed = Trainer(cfg, b, resume=True, data=_data(), progress=False, log=lines.append)
+    assert resumed.start_epoch == 2 and resumed.held_out_pending is not None
+    assert "first the held-out evaluation of epoch 2/3" in lines[0]
+    resumed.fit()
+    assert [ln.split(" lr=")[0] for ln in lines[1:]] == ["epoch 2/3", "epoch 3/3"]
+    a = tmp_path / "a"
+    for name in ("final.pt", "best.pt", "last.pt"):
+        ca, cb = load_checkpoint(a / name), load_checkpoint(b / name)
+        assert ca["epoch"] == cb["epoch"] and _same_state(ca["model"], cb["model"]), name
+    la, lb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert la["best"] == lb["best"] and "held_out_pending" not in lb
+    for pa, pb in zip(la["optimizer"]["state"].values(), lb["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    if averaging:
+        assert _same_state(la["averaged"], lb["averaged"])
+    assert _rows(a) == _rows(b)
+    assert [r["epoch"] for r in _rows(b)] == [0, 1, 2]

@@ -1,13 +1,14 @@
 """rpat: adversarial training with Robust Perception (RPAT, ICCV 2025).
 
-Quick map: ``rpat.data`` (datasets, on-device batches), ``rpat.models``
-(``create_model``), ``rpat.attacks`` (``pgd``, AutoAttack), ``rpat.objectives``
-(PGD-AT, the RPAT term), ``rpat.training`` (``Trainer``), ``rpat.evaluation``
-(Clean / PGD-20 / AA / Mean / NRR), ``rpat.cli`` (the ``rpat`` command).
+Quick map, bottom layer first: ``rpat.data`` (datasets, on-device batches), ``rpat.models``
+(``create_model``), ``rpat.attacks`` (``pgd``, AutoAttack), ``rpat.objectives`` (PGD-AT, TRADES,
+MART, Consistency-AT, the RPAT term), ``rpat.config``, ``rpat.evaluation`` (Clean / PGD-20 / AA /
+Mean / NRR, ``write_report``), ``rpat.training`` (``TrainStep``, ``Trainer``), ``rpat.analysis`` and
+``rpat.reports``, ``rpat.experiments`` (sweep, ablation, demo), ``rpat.cli`` (the ``rpat`` command).
 
 Threads: importing rpat sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before torch
 loads, so that idle OpenMP threads sleep instead of spinning on cores another job needs
-(7.7x slower beside one competing torch process otherwise; see benchmarks/contention.py).
+(what that buys beside a competing job is measured in benchmarks/README.md, benchmarks/contention.py).
 OpenMP reads the variable once, when torch loads: a script that imports torch before rpat
 must set it itself (``OMP_WAIT_POLICY=PASSIVE python my_script.py``).
 """

@@ -13,16 +13,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from .attacks.threat import NORMS, ThreatModel, default_threat, format_budget, parse_budget
+from .data import DATASETS
 from .errors import InputError
+from .models import create_model, list_models, resolve_model_name
+from .models.averaging import check_averaging
+from .objectives import Objective, RPATTerm, TeacherTerm, build_objective, list_methods, method_label
 from .presets import preset_dict
-
-if TYPE_CHECKING:
-    from .objectives.rebat import TeacherTerm
 
 
 @dataclass
@@ -172,8 +173,8 @@ class Config:
         base = default_threat(a.norm, a.steps) if a.norm in NORMS else None
         if base is None:
             raise InputError(f"unknown attack.norm {a.norm!r}; valid: {', '.join(NORMS)}")
-        eps = base.eps if a.eps is None else parse_budget(a.eps, "attack.eps")
-        step = base.step_size if a.step_size is None else parse_budget(a.step_size, "attack.step_size")
+        eps = base.eps if a.eps is None else _budget(a.eps, "attack.eps", a.norm)
+        step = base.step_size if a.step_size is None else _budget(a.step_size, "attack.step_size", a.norm)
         return ThreatModel(a.norm, eps, step, a.steps)
 
     def train_threat_at(self, epoch: int) -> ThreatModel:
@@ -193,16 +194,30 @@ class Config:
             raise InputError("attack.strong_after_decay needs optim.schedule=piecewise with optim.milestones")
         return int(self.optim.milestones[0])
 
+    def rpat_term(self) -> RPATTerm | None:
+        """The RPAT term of ``rpat`` (None when off)."""
+        r = self.rpat
+        return RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch) if r.enabled else None
+
     def teacher_term(self) -> TeacherTerm | None:
         """The ReBAT / RPAT++ term of ``rebat`` (None when off); its teacher is bound by the trainer."""
-        from .objectives.rebat import TeacherTerm
-
         r = self.rebat
         if not r.enabled:
             return None
         start = self.averaging.start_epoch if r.start_epoch is None else r.start_epoch
         milestones = tuple(self.optim.milestones) if self.optim.schedule == "piecewise" else ()
         return TeacherTerm(r.beta, start, r.target, r.alpha, r.beta_growth, milestones)
+
+    def objective(self) -> Objective:
+        """The training objective of this config (base method at the epoch-0 threat, RPAT, teacher term):
+        the one place a config becomes terms (the trainer, the CUDA-graph key and validation use it)."""
+        return build_objective(self.method.name, self.train_threat(), self.rpat_term(), self.teacher_term(),
+                               **self.method_options())
+
+    def label(self) -> str:
+        """The run's method label, as every table prints it (``rpat.objectives.method_label``)."""
+        return method_label(self.method.name, self.rpat.enabled, self.rpat.proxy,
+                            self.rebat.target if self.rebat.enabled else None)
 
     def method_options(self) -> dict[str, Any]:
         """Keyword options of the base method's constructor (``build_objective(..., **options)``)."""
@@ -211,8 +226,8 @@ class Config:
     def eval_threat(self) -> ThreatModel:
         t = self.train_threat()
         e = self.eval
-        eps = t.eps if e.eps is None else parse_budget(e.eps, "eval.eps")
-        step = t.step_size if e.step_size is None else parse_budget(e.step_size, "eval.step_size")
+        eps = t.eps if e.eps is None else _budget(e.eps, "eval.eps", t.norm)
+        step = t.step_size if e.step_size is None else _budget(e.step_size, "eval.step_size", t.norm)
         return ThreatModel(t.norm, eps, step, e.steps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,16 +235,11 @@ class Config:
 
     def validate(self) -> Config:
         """Check ranges and names; raises InputError with one clear line."""
-        from .data import DATASETS
-        from .models import list_models
-        from .objectives import list_methods
-
         if self.data.dataset not in DATASETS:
             raise InputError(f"unknown dataset {self.data.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
         if self.model.arch not in list_models():
-            from .models import create_model  # raises the canonical unknown-model error, or resolves an alias
-
-            create_model(self.model.arch)
+            create_model(self.model.arch)  # raises the canonical unknown-model error, or resolves an alias
+            self.model.arch = resolve_model_name(self.model.arch)  # stored and printed by its canonical name
         if self.method.name not in list_methods():
             raise InputError(f"unknown method {self.method.name!r}; valid: {', '.join(list_methods())}")
         if self.method.mart_exact and self.method.name != "mart":
@@ -259,12 +269,10 @@ class Config:
             raise InputError(f"unknown optim.schedule {self.optim.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if sorted(self.optim.milestones) != list(self.optim.milestones):
             raise InputError(f"optim.milestones must be increasing, got {self.optim.milestones}")
-        from .objectives import RPATTerm
-
         r = self.rpat
         if not isinstance(r.alpha, (int, float)) or isinstance(r.alpha, bool):
             raise InputError(f"rpat.alpha must be a number in [0, 1], got {r.alpha!r}")
-        RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch)
+        RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch)  # checked even when off, so a typo fails before training
         self._validate_rebat()
         if self.speed.amp not in AMP_MODES:
             raise InputError(f"unknown speed.amp {self.speed.amp!r}; valid: {', '.join(AMP_MODES)}")
@@ -276,8 +284,6 @@ class Config:
 
     def _validate_rebat(self) -> None:
         """Checks for weight averaging, the ReBAT / RPAT++ term, the strong adversary and val_size."""
-        from .models.averaging import check_averaging
-
         if self.data.val_size is not None:
             _positive_int(self.data.val_size, "data.val_size")
         if self.attack.strong_after_decay:
@@ -286,26 +292,74 @@ class Config:
         check_averaging(self.averaging.decay, self.averaging.start_epoch)
         if self.rebat.enabled and not self.averaging.enabled:
             raise InputError("rebat.enabled needs the weight-averaged teacher: set averaging.enabled=true")
-        from .objectives.rebat import TeacherTerm
-
         r = self.rebat  # checked even when off, so a typo fails before training starts
         TeacherTerm(r.beta, 0 if r.start_epoch is None else r.start_epoch, r.target, r.alpha, r.beta_growth)
 
+    def warnings(self) -> list[str]:
+        """Settings that are legal but probably not meant (printed as ``rpat: warning: ...`` at start)."""
+        out = []
+        for where, t in (("attack", self.train_threat()), ("eval", self.eval_threat())):
+            if t.step_size > t.eps:
+                out.append(f"{where}.step_size={format_budget(t.step_size)} is larger than {where}.eps="
+                           f"{format_budget(t.eps)}: every step overshoots the ball and is projected back")
+        o = self.optim
+        late = [m for m in o.milestones if m >= o.epochs]
+        if o.schedule == "piecewise" and late:
+            out.append(f"optim.milestones {late} are at or beyond the last epoch ({o.epochs} epochs): the learning "
+                       f"rate never decays there; scale them (e.g. --epochs N rescales them) or set optim.milestones")
+        return out
+
+    def with_epochs(self, epochs: int) -> tuple[Config, str | None]:
+        """This config trained for ``epochs`` epochs, with a piecewise schedule's milestones rescaled in
+        proportion (as the paper's 100/110 and 105/110): ``m -> floor(m·epochs/old)``, capped at the last
+        epoch. Returns the new config and a line saying what changed (None when nothing was rescaled)."""
+        cfg = config_from_dict(self.to_dict())
+        old = cfg.optim.epochs
+        cfg.optim.epochs = epochs
+        o = cfg.optim
+        if o.schedule != "piecewise" or not o.milestones or epochs == old:
+            return cfg.validate(), None
+        new = [min(m * epochs // old, epochs - 1) for m in o.milestones]
+        note = (f"--epochs {epochs}: lr milestones {o.milestones} of {old} epochs rescaled to {new} (the same "
+                f"fractions of the run; set optim.milestones to choose them)")
+        o.milestones = new
+        return cfg.validate(), note
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the budgets left empty filled in (``attack.eps: 8/255``...): what config.yaml holds."""
+        d = self.to_dict()
+        t, e = self.train_threat(), self.eval_threat()
+        d["attack"].update(eps=format_budget(t.eps), step_size=format_budget(t.step_size))
+        d["eval"].update(eps=format_budget(e.eps), step_size=format_budget(e.step_size))
+        a = self.attack
+        if a.strong_step_size is None:
+            d["attack"]["strong_step_size"] = format_budget(t.step_size)
+        return d
+
     def describe(self) -> str:
         t = self.train_threat()
-        method = self.method.name + (" + RPAT" if self.rpat.enabled else "")
-        if self.rebat.enabled:
-            method += " + BoAT (ReBAT)" if self.rebat.target == "adversarial" else " + RP teacher (RPAT++)"
+        method = self.label()
         if self.averaging.enabled:
             method += f" | WA from epoch {self.averaging.start_epoch + 1}"
         if self.attack.strong_after_decay:
             strong = format_budget(parse_budget(self.attack.strong_eps))
             method += f" | ${strong} from epoch {self.strong_attack_epoch() + 1}"
-        return (f"{method} | {self.model.arch} on {self.data.dataset} | {t.norm} "
-                f"eps={format_budget(t.eps)} | {self.optim.epochs} epochs ({self.optim.schedule})")
+        sched = self.optim.schedule + (f", lr x{self.optim.gamma} at {self.optim.milestones}"
+                                       if self.optim.schedule == "piecewise" else "")
+        return (f"{method} | {self.model.arch} on {self.data.dataset} | training attack {t.describe()} | "
+                f"{self.optim.epochs} epochs ({sched})")
 
 
 SCHEDULES = ("piecewise", "cosine", "constant")
+
+
+def _budget(value: str | float, name: str, norm: str) -> float:
+    """A budget in pixel units; under ℓ∞ a value above 1 (``2`` meant as ``2/255``) is refused, naming the key."""
+    v = parse_budget(value, name)
+    if norm == "linf" and v > 1:
+        raise InputError(f"{name}={value} is above 1, but images are in [0, 1] (ℓ∞ budgets are pixel units); "
+                         f"did you mean {value}/255? ({name}={value}/255)")
+    return v
 
 
 def _positive_int(v: Any, name: str) -> None:
@@ -427,4 +481,5 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as YAML, with the budgets resolved (:meth:`Config.resolved_dict`)."""
+    return yaml.safe_dump(cfg.resolved_dict(), sort_keys=False)

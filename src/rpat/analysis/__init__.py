@@ -3,7 +3,8 @@
 - :mod:`rpat.analysis.consistency` -- MSE(h(x), h(x_adv)) and along the path, defended vs failed examples;
 - :mod:`rpat.analysis.smoothness` -- curvature along Δ (second difference and HVP), Jacobian drift,
   spectral norm and the Lipschitz estimate of Theorem 2;
-(the λ × a ablation of Section 5.4 is an experiment: :mod:`rpat.experiments.ablation`).
+(the λ × a ablation of Section 5.4 is an experiment: :mod:`rpat.experiments.ablation`; the ``rpat analyze``
+command is :mod:`rpat.cli.analyze`).
 """
 
 from .consistency import consistency_of_checkpoint, consistency_of_model, consistency_of_run, perception_distances

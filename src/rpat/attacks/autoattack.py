@@ -29,20 +29,21 @@ during the run, which also spares the weight gradients); the global RNG state
 is untouched (the attacks run in a forked RNG); the number of target classes
 adapts to models with fewer than 10 classes (``adapt_to_classes``); the
 ``'auto-attack'`` logger's messages (pyautoattack's checks) go to ``log``.
+
+This module is the loop over pyautoattack's attack objects; the resumable state
+(fingerprint, state JSON and ``.pt`` files) is :mod:`rpat.attacks.autoattack_state`.
+The split over processes (:func:`_merge`) stays here: it is half of the loop's batch striding.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from tqdm.auto import tqdm
 from ..distributed import comm_device, world
 from ..errors import InputError
 from ..utils import progress_enabled
+from .autoattack_state import State, fingerprint, load_state, save_state
 from .pgd import eval_mode
 from .threat import ThreatModel, format_budget
 
@@ -61,10 +63,25 @@ LOGGER_NAME = "auto-attack"
 #: ``apgd``: APGD-CE + APGD-T with exactly the standard version's settings for those two
 #: (AutoAttack's ``custom`` mode); its result is standard AA's after APGD-T.
 VERSIONS: tuple[str, ...] = ("standard", "apgd", "plus", "rand")
+#: The versions ``rpat eval`` / ``train --eval`` / ``sweep`` offer (``--autoattack``), "none" for no AutoAttack.
+EVAL_VERSIONS: tuple[str, ...] = ("standard", "apgd", "none")
+#: How tables label each version's robust accuracy (only "standard" is ever the AA column).
+VERSION_LABELS: dict[str, str] = {"standard": "AA", "apgd": "AA(APGD)", "plus": "AA+", "rand": "AA-rand"}
+
+
+def version_name(autoattack: bool | str | None, allowed: tuple[str, ...] = EVAL_VERSIONS) -> str:
+    """The version name: ``True``/``"standard"`` -> ``"standard"``, ``False``/``None``/``"none"`` -> ``"none"``,
+    otherwise one of ``allowed`` (an InputError lists them)."""
+    if autoattack is True:
+        return "standard"
+    if autoattack is False or autoattack is None:
+        return "none"
+    if autoattack not in allowed:
+        raise InputError(f"unknown AutoAttack version {autoattack!r}; valid: {', '.join(allowed)}")
+    return str(autoattack)
 #: How attacks are printed (the report's ``attack`` keys are pyautoattack's names).
 ATTACK_LABELS = {"clean": "clean", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T",
                  "square": "Square", "apgd-dlr": "APGD-DLR", "fab": "FAB"}
-STATE_FORMAT = "rpat-autoattack-state/1"
 _NORMS = {"linf": "Linf", "l2": "L2"}
 
 #: The targeted attacks of the standard version aim at the 9 most likely wrong classes.
@@ -219,7 +236,8 @@ def _merge(robust: Tensor, cleared: Tensor, x_adv: Tensor | None, seconds: float
 
     The ranks attacked disjoint batches, so each example is cleared by at most
     one rank: its adversarial image is summed with zeros from the others, which
-    is exact. Returns the stage's seconds, the slowest rank's.
+    is exact. Returns the stage's seconds, the slowest rank's. In the loop's module, not its own:
+    it is the other half of the loop's batch striding (``batches[rank::n_ranks]``), useless apart.
     """
     rank, n_ranks = world()
     if n_ranks > 1:
@@ -239,91 +257,6 @@ def _merge(robust: Tensor, cleared: Tensor, x_adv: Tensor | None, seconds: float
         seconds = float(t.item())
     robust &= ~cleared
     return seconds
-
-
-# --- resumable state --------------------------------------------------------------------
-
-
-def _sha256(tensors: Iterator[Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def _fingerprint(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, version: str, seed: int,
-                 batch_size: int, attacks: list[str], n_targets: int) -> dict[str, Any]:
-    """The settings an AutoAttack state belongs to (the world size is not one: the split is exact)."""
-    return {"version": version, "norm": threat.norm, "eps": float(threat.eps), "seed": seed,
-            "n": int(x.shape[0]), "batch_size": batch_size, "attacks": attacks,
-            "n_target_classes": n_targets, "x_sha256": _sha256(iter([x])),
-            "y_sha256": _sha256(iter([y])), "model_sha256": _sha256(iter(model.state_dict().values()))}
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass
-class _State:
-    """What the loop has finished: stages (``clean`` then attacks), their records, flags, x_adv rows."""
-
-    done: list[str] = field(default_factory=list)
-    per_attack: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _save_state(path: Path, fingerprint: dict, state: _State, robust: Tensor, x_adv: Tensor,
-                x: Tensor) -> None:
-    """Write the ``.pt`` of this stage, then the JSON that names it (both atomically), then drop the old ``.pt``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    idx = (x_adv != x).flatten(1).any(1).nonzero().flatten()
-    pt = path.with_name(f"{path.name}.{len(state.done)}.pt")
-    _atomic_write(pt, lambda f: torch.save({"index": idx, "x_adv": x_adv[idx].clone()}, f), "wb")
-    old = _read_json(path)
-    doc = {"format": STATE_FORMAT, "fingerprint": fingerprint, "done": state.done,
-           "per_attack": state.per_attack, "robust": "".join("1" if b else "0" for b in robust.tolist()),
-           "x_adv_file": pt.name}
-    _atomic_write(path, lambda f: f.write(json.dumps(doc, indent=1)), "w")
-    if old and old.get("x_adv_file") not in (None, pt.name):
-        path.with_name(old["x_adv_file"]).unlink(missing_ok=True)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the AutoAttack state {path}: {e}") from None
-
-
-def _load_state(path: Path, fingerprint: dict, x: Tensor) -> tuple[_State, Tensor, Tensor] | None:
-    """The saved ``(state, robust, x_adv)``, None without a file; InputError if it is for other settings."""
-    doc = _read_json(path)
-    if doc is None:
-        return None
-    if doc.get("format") != STATE_FORMAT:
-        raise InputError(f"{path} is not an rpat AutoAttack state; delete it or pass another state path")
-    saved = doc["fingerprint"]
-    differ = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
-    if differ:
-        raise InputError(f"the AutoAttack state {path} was written for other settings (differs in: "
-                         f"{', '.join(differ)}); delete it or pass another state path")
-    robust = torch.tensor([c == "1" for c in doc["robust"]], dtype=torch.bool)
-    try:
-        rows = torch.load(path.with_name(doc["x_adv_file"]), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise InputError(f"the AutoAttack state {path} lacks its images ({doc['x_adv_file']}): {e}") from None
-    x_adv = x.clone()
-    x_adv[rows["index"]] = rows["x_adv"]
-    return _State(list(doc["done"]), list(doc["per_attack"])), robust, x_adv
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -401,7 +334,8 @@ def autoattack(
         seed: the attacks' seed (the caller's global RNG state is not changed).
         log: receives one line per stage (robust accuracy, seconds) and
             pyautoattack's warnings (rank 0 only).
-        progress: a tqdm bar per attack over its batches (rank 0, on a terminal).
+        progress: a tqdm bar per attack over the images it attacks (rank 0's share; rank 0,
+            on a terminal).
         state_path: a JSON file for the resumable state (with ``<name>.<k>.pt``
             beside it for the adversarial images). If it exists and matches the
             settings (version, norm, ε, seed, batch size, images, labels and
@@ -450,10 +384,10 @@ def autoattack(
         n_targets = adversary.apgd_targeted.n_target_classes
         if threat.eps == 0:
             attacks = []  # nothing to attack: the ball is the clean image (APGD divides by ε)
-        fingerprint = (_fingerprint(model, x_cpu, y_cpu, threat, version, seed, batch_size, attacks, n_targets)
-                       if path is not None else {})
-        loaded = _load_state(path, fingerprint, x_cpu) if path is not None else None
-        state, robust, x_adv = loaded if loaded is not None else (_State(), None, x_cpu.clone())
+        settings = (fingerprint(model, x_cpu, y_cpu, threat, version, seed, batch_size, attacks, n_targets)
+                    if path is not None else {})
+        loaded = load_state(path, settings, x_cpu) if path is not None else None
+        state, robust, x_adv = loaded if loaded is not None else (State(), None, x_cpu.clone())
         resumed = loaded is not None
         if n_ranks > 1 and path is not None:
             dist.barrier()  # every rank has read the state before rank 0 writes the next one
@@ -463,7 +397,7 @@ def autoattack(
 
         def save() -> None:
             if path is not None and rank == 0:
-                _save_state(path, fingerprint, state, robust, x_adv, x_cpu)
+                save_state(path, settings, state, robust, x_adv, x_cpu)
 
         if "clean" not in state.done:
             if attacks and rank == 0:
@@ -491,12 +425,15 @@ def autoattack(
             cleared = torch.zeros(n, dtype=torch.bool)
             mine = batches[rank::n_ranks]
             label = ATTACK_LABELS.get(attack, attack)
-            for bidx in tqdm(mine, desc=f"AutoAttack {label}", unit="batch", disable=not bars, leave=False):
-                xb, yb = x_cpu[bidx].to(dev), y_cpu[bidx].to(dev)
-                adv = _perturb(adversary, attack, xb, yb, seed)
-                fooled = (model(adv).max(dim=1)[1] != yb).cpu()
-                cleared[bidx[fooled]] = True
-                x_adv[bidx[fooled]] = adv[fooled.to(adv.device)].detach().cpu()
+            with tqdm(total=sum(len(b) for b in mine), desc=f"AutoAttack {label}", unit="img",
+                      disable=not bars, leave=False) as bar:
+                for bidx in mine:
+                    xb, yb = x_cpu[bidx].to(dev), y_cpu[bidx].to(dev)
+                    adv = _perturb(adversary, attack, xb, yb, seed)
+                    fooled = (model(adv).max(dim=1)[1] != yb).cpu()
+                    cleared[bidx[fooled]] = True
+                    x_adv[bidx[fooled]] = adv[fooled.to(adv.device)].detach().cpu()
+                    bar.update(len(bidx))
             seconds = _merge(robust, cleared, x_adv, time.perf_counter() - t, dev)
             state.done.append(attack)
             state.per_attack.append(_record(attack, robust, seconds))

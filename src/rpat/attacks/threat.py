@@ -40,14 +40,16 @@ def parse_budget(value: str | float | int, what: str = "eps") -> float:
 
 
 def format_budget(value: float) -> str:
-    """``0.0313725`` -> ``"8/255"``; values not close to k/255 keep 4 decimals of k."""
+    """A budget as it is written: ``0.0313725`` -> ``"8/255"``, ``8/2550`` -> ``"0.8/255"``; a value that
+    is not a short multiple of 1/255 is printed as a decimal (``"0.0123457"``). The text parses back
+    (:func:`parse_budget`) to the value it prints."""
     k = value * 255
     if abs(k - round(k)) < 1e-6:
         return f"{int(round(k))}/255"
-    frac = Fraction(k).limit_denominator(100)
-    if abs(float(frac) - k) < 1e-6:
-        return f"{frac}/255"
-    return f"{k:.4g}/255"
+    short = f"{k:.4g}"
+    if "e" not in short and abs(float(short) - k) < 1e-6:
+        return f"{short}/255"
+    return f"{value:.6g}"
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,13 @@ class ThreatModel:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.norm == "linf" and self.eps > 1:
-            raise InputError(
-                f"ℓ∞ eps={self.eps:g} is above 1, but images are in [0, 1]; "
-                f"did you mean {self.eps:g}/255? (write it as '{self.eps:g}/255')"
-            )
+        for name in ("eps", "step_size"):
+            v = getattr(self, name)
+            if self.norm == "linf" and v > 1:
+                raise InputError(
+                    f"ℓ∞ {name}={v:g} is above 1, but images are in [0, 1]; "
+                    f"did you mean {v:g}/255? (write it as '{v:g}/255')"
+                )
         if not isinstance(self.steps, int) or self.steps < 0:
             raise InputError(f"steps must be an integer >= 0, got {self.steps!r}")
 
@@ -81,6 +85,7 @@ class ThreatModel:
         return replace(self, steps=steps)
 
     def describe(self) -> str:
+        """``"linf eps=8/255 step=2/255 steps=10"``: the whole threat, as banners and reports print it."""
         return (
             f"{self.norm} eps={format_budget(self.eps)} step={format_budget(self.step_size)} "
             f"steps={self.steps}"

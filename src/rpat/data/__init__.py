@@ -15,14 +15,13 @@ from .datasets import (
     SPLITS,
     ArrayDataset,
     DatasetSpec,
-    count_images,
     evaluation_indices,
     evaluation_subset,
     get_spec,
-    load_dataset,
     spec_for,
 )
 from .download import MIRROR_ENV, download_file, file_digest, resolve_url
+from .load import count_images, load_dataset
 from .loader import DeviceLoader, epoch_seed, random_crop_flip
 
 __all__ = [

@@ -1,10 +1,10 @@
 """Checked, atomic downloads of dataset archives.
 
 ``download_file`` streams a URL (``http://``, ``https://`` or ``file://``) to a
-temporary ``<dest>.part`` file, verifies its checksum and only then renames it
-to ``dest``, so ``dest`` is either absent or complete and verified. Every
-failure a user can meet (no network, HTTP error, truncated transfer, checksum
-mismatch, stale corrupt file) is raised as :class:`rpat.errors.InputError`
+temporary ``.<name>.<random>.part`` file beside ``dest`` (:func:`rpat.utils.atomic_write`),
+verifies its checksum and only then renames it to ``dest``, so ``dest`` is either absent or
+complete and verified. Every failure a user can meet (no network, HTTP error, truncated
+transfer, checksum mismatch, stale corrupt file) is raised as :class:`rpat.errors.InputError`
 with a one-line message that says what to do.
 
 Set the environment variable ``RPAT_MIRROR`` to a base URL (for instance
@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..utils import atomic_write
 
 __all__ = ["MIRROR_ENV", "download_file", "file_digest", "resolve_url"]
 
@@ -110,12 +111,12 @@ def download_file(
 
     Behaviour: if ``dest`` already exists with the right checksum (or no
     checksum is given) nothing is downloaded; if it exists with a wrong one an
-    InputError tells the user to delete it. Otherwise the data are streamed to
-    ``<dest>.part``, flushed and fsynced, checked against the Content-Length
-    (when the server sent one) and the checksum, and only then renamed to
-    ``dest`` with ``os.replace``. On any failure the ``.part`` file is removed
-    and an :class:`InputError` naming the URL is raised; ``dest`` is never
-    left half-written.
+    InputError tells the user to delete it. Otherwise the data are streamed to a
+    temporary ``.part`` file beside ``dest`` (:func:`rpat.utils.atomic_write`),
+    checked against the Content-Length (when the server sent one) and the checksum,
+    then flushed, fsynced and renamed to ``dest`` with ``os.replace``. On any
+    failure the ``.part`` file is removed and an :class:`InputError` naming the
+    URL is raised; ``dest`` is never left half-written.
     """
     dest = Path(dest)
     check = _expected(md5, sha256)
@@ -125,59 +126,49 @@ def download_file(
     if scheme not in ("http", "https", "file"):
         raise InputError(f"cannot download {url!r}: only http(s):// and file:// URLs are supported")
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(dest.suffix + ".part")
     advice = f"check the connection, or fetch the file by hand and place it at {dest}"
     hasher = hashlib.new(check[0]) if check else None
-    ok = False
     try:
-        try:
-            response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)
-        except urllib.error.HTTPError as e:
-            raise InputError(f"cannot download {url}: HTTP {e.code} {e.reason}; {advice}") from None
-        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", e)
-            raise InputError(f"cannot download {url}: {reason}; {advice}") from None
-        with response:
-            length_header = response.headers.get("Content-Length")
-            total = int(length_header) if length_header and length_header.isdigit() else None
-            received = 0
-            with (
-                open(part, "wb") as out,
-                tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=dest.name, disable=not progress, leave=False) as bar,
-            ):
-                try:
-                    while chunk := response.read(_CHUNK):
-                        out.write(chunk)
-                        if hasher is not None:
-                            hasher.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-                except (OSError, http.client.HTTPException) as e:
-                    raise InputError(
-                        f"download of {url} was interrupted after {received} bytes ({e!r}); re-run "
-                        f"with --download to try again, or {advice}"
-                    ) from None
-                out.flush()
-                os.fsync(out.fileno())
-        if total is not None and received != total:
-            raise InputError(
-                f"download of {url} is truncated: got {received} of {total} bytes; re-run "
-                f"with --download to try again, or {advice}"
-            )
-        if check is not None and hasher is not None:
-            algorithm, want = check
-            got = hasher.hexdigest()
-            if got != want:
+        response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        raise InputError(f"cannot download {url}: HTTP {e.code} {e.reason}; {advice}") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(f"cannot download {url}: {reason}; {advice}") from None
+    with response:
+        length_header = response.headers.get("Content-Length")
+        total = int(length_header) if length_header and length_header.isdigit() else None
+        received = 0
+        # any exception below removes the temporary .part file; success renames it to dest
+        with (
+            atomic_write(dest, "wb", tmp_suffix=".part") as out,
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                 desc=dest.name, disable=not progress, leave=False) as bar,
+        ):
+            try:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as e:
                 raise InputError(
-                    f"checksum mismatch for {url}: expected {algorithm} {want}, got {got}; the "
-                    f"download is corrupt or the file changed upstream: retry, or fetch a good "
-                    f"copy by hand and place it at {dest}"
+                    f"download of {url} was interrupted after {received} bytes ({e!r}); re-run "
+                    f"with --download to try again, or {advice}"
+                ) from None
+            if total is not None and received != total:
+                raise InputError(
+                    f"download of {url} is truncated: got {received} of {total} bytes; re-run "
+                    f"with --download to try again, or {advice}"
                 )
-        os.replace(part, dest)
-        ok = True
-    finally:
-        if not ok:
-            part.unlink(missing_ok=True)
+            if check is not None and hasher is not None:
+                algorithm, want = check
+                got = hasher.hexdigest()
+                if got != want:
+                    raise InputError(
+                        f"checksum mismatch for {url}: expected {algorithm} {want}, got {got}; the "
+                        f"download is corrupt or the file changed upstream: retry, or fetch a good "
+                        f"copy by hand and place it at {dest}"
+                    )
     return dest

@@ -16,7 +16,6 @@ batch granularity and merged exactly (see :func:`evaluate_robustness`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,19 +27,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..attacks.autoattack import ATTACK_LABELS
+from ..attacks.autoattack import ATTACK_LABELS, EVAL_VERSIONS, VERSION_LABELS, version_name
 from ..attacks.autoattack import autoattack as run_aa
 from ..attacks.pgd import eval_mode, pgd, random_start
 from ..attacks.threat import ThreatModel, format_budget
 from ..distributed import comm_device, world
 from ..errors import InputError
 from ..utils import progress_enabled
-from .metrics import mean_score, nrr
+from .metrics import accuracy_se, format_pm, mean_score, mean_se, nrr
 
 Log = Callable[[str], None]
 
 #: The AutoAttack versions ``evaluate_robustness`` runs, and how tables label their accuracy.
-AA_LABELS = {"standard": "AA", "apgd": "AA(APGD)"}
+AA_LABELS = {v: VERSION_LABELS[v] for v in EVAL_VERSIONS if v != "none"}
 
 
 @dataclass
@@ -126,7 +125,9 @@ def _count_correct(
 ) -> tuple[int, int]:
     """Correct predictions on ``x`` (or on PGD examples when ``threat`` is given), and K.
 
-    Returns ``(n_correct, num_classes)``; one host read at the end. With
+    Returns ``(n_correct, num_classes)``; one host read at the end. The
+    ``progress`` bar counts images (of this rank), so it moves, with a rate and
+    an ETA, however few batches there are. With
     ``split`` under ``torch.distributed``, rank ``r`` evaluates batches
     ``r, r + W, ...`` and the counts are summed over ranks (every rank must
     call it). The PGD random starts come from one generator in batch order;
@@ -143,7 +144,8 @@ def _count_correct(
     correct = torch.zeros((), dtype=torch.long, device=device)
     num_classes = 0
     n = x.shape[0]
-    with eval_mode(model), tqdm(total=math.ceil(n / batch_size / n_ranks), desc=desc, unit="batch",
+    mine = sum(min(batch_size, n - i) for b, i in enumerate(range(0, n, batch_size)) if b % n_ranks == rank)
+    with eval_mode(model), tqdm(total=mine, desc=desc, unit="img",
                                 disable=not progress or rank != 0, leave=False) as bar:
         for b, i in enumerate(range(0, n, batch_size)):
             if b % n_ranks != rank:
@@ -159,7 +161,7 @@ def _count_correct(
                 logits = model(xb)
             num_classes = int(logits.shape[-1])
             correct += (logits.argmax(dim=-1) == yb).sum()
-            bar.update(1)
+            bar.update(int(yb.shape[0]))
     if n_ranks > 1:
         cdev = comm_device(device)
         correct = correct.to(cdev).reshape(1)
@@ -179,7 +181,10 @@ def accuracy(
     *,
     progress: bool = False,
 ) -> float:
-    """Clean accuracy (percent) on images ``x`` ``(N, C, H, W)`` in [0, 1], labels ``(N,)``."""
+    """Clean accuracy (percent) on images ``x`` ``(N, C, H, W)`` in [0, 1], labels ``(N,)``.
+
+    ``progress``: a tqdm bar over the images (drawn as asked: the caller decides about terminals).
+    """
     n_correct, _ = _count_correct(model, x, y, batch_size=batch_size, device=torch.device(device),
                                   progress=progress, desc="clean")
     return 100.0 * n_correct / x.shape[0]
@@ -201,6 +206,7 @@ def pgd_accuracy(
     ``threat`` gives the norm, ε and step size (pixel units) and the steps
     (PGD-20: ℓ∞ 8/255, step 2/255, 20 steps). The random starts come from one
     generator on ``device`` seeded with ``seed``, so the result is reproducible.
+    ``progress``: a tqdm bar over the images (a batch counts once all its steps are done).
     """
     if not isinstance(threat, ThreatModel):
         raise InputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -212,13 +218,8 @@ def pgd_accuracy(
 
 def _aa_version(autoattack: bool | str | None) -> str | None:
     """``True``/``"standard"`` -> standard, ``"apgd"`` -> apgd, ``False``/``None``/``"none"`` -> None."""
-    if autoattack is None or autoattack is False or autoattack == "none":
-        return None
-    if autoattack is True:
-        return "standard"
-    if isinstance(autoattack, str) and autoattack in AA_LABELS:
-        return autoattack
-    raise InputError(f"unknown AutoAttack version {autoattack!r}; valid: standard, apgd, none")
+    name = version_name(autoattack)
+    return None if name == "none" else name
 
 
 def evaluate_robustness(
@@ -250,8 +251,8 @@ def evaluate_robustness(
         batch_size: examples per batch for every stage.
         device: where the batches go (and where the model must be).
         seed: seeds the PGD random starts and AutoAttack.
-        progress: tqdm bars per stage and per attack (on a terminal only, see
-            :func:`rpat.utils.progress_enabled`).
+        progress: tqdm bars per stage and per attack, counting images (on a
+            terminal only, see :func:`rpat.utils.progress_enabled`).
         log: if given, receives one line per stage result (per attack: robust
             accuracy and seconds) and AutoAttack's warnings.
         aa_state: AutoAttack's resumable state file (JSON, with a ``.pt`` of the
@@ -304,7 +305,7 @@ def evaluate_robustness(
         if version is not None:
             t = time.perf_counter()
             result = run_aa(model, x, y, threat, version=version, batch_size=batch_size, device=dev,
-                                seed=seed, log=log, progress=progress, state_path=aa_state)
+                                seed=seed, log=log, progress=bars, state_path=aa_state)
             extras.update(aa_version=version, aa_threat=f"{threat.norm} eps={format_budget(threat.eps)}",
                           aa_attacks=result.attacks, aa_n_target_classes=result.n_target_classes,
                           aa_per_attack=result.per_attack, aa_resumed=result.resumed,
@@ -368,9 +369,13 @@ def format_per_attack(report: dict[str, Any] | RobustnessReport) -> str:
 def masking_drop(report: dict[str, Any] | RobustnessReport) -> float | None:
     """Robust % after the gradient attacks (APGD-T, or APGD-CE without it) minus the final robust %.
 
-    > 0 means FAB-T or Square found adversarial examples that APGD missed, a
-    sign of gradient masking. None for the apgd version, without AutoAttack or
-    without per-attack records.
+    > 0 means FAB-T or Square found adversarial examples that APGD missed. A few
+    such images are noise (Square is a random search); a possible sign of gradient
+    masking only beyond :data:`rpat.evaluation.sanity.LATE_MIN_IMAGES` images and
+    :data:`~rpat.evaluation.sanity.LATE_MIN_PERCENT` points (the ``late_attacks``
+    check, :func:`rpat.evaluation.sanity.late_attacks_check`). With ``n_examples``
+    it is computed from the image counts (exactly ``100 * images / n``). None for
+    the apgd version, without AutoAttack or without per-attack records.
     """
     d = _as_dict(report)
     extras = d.get("extras") or {}
@@ -386,12 +391,26 @@ def masking_drop(report: dict[str, Any] | RobustnessReport) -> float | None:
     return gradient[-1]["robust"] - records[-1]["robust"]
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, se: float | None = None) -> str:
+    """``"72.30 ± 1.42"`` (``"72.30"`` without a standard error); ``-`` for a missing value."""
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:.2f}"
+        return format_pm(float(value), se)
     return str(value)
+
+
+def _standard_errors(d: dict[str, Any]) -> dict[str, float | None]:
+    """Each accuracy's standard error on the report's ``n_examples`` images (:func:`accuracy_se`); Mean gets
+    the bound :func:`mean_se`, NRR none. All None when the report does not say how many images it used."""
+    n = d.get("n_examples")
+    ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
+    se: dict[str, float | None] = {k: (accuracy_se(d[k], n) if ok and d.get(k) is not None else None)
+                                   for k in ("clean", "pgd", "aa")}
+    c, a = se["clean"], se["aa"]
+    se["mean"] = mean_se(c, a) if c is not None and a is not None and d.get("mean") is not None else None
+    se["nrr"] = None
+    return se
 
 
 def _aa_groups(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -411,9 +430,10 @@ def _render(rows: Sequence[tuple[str, dict[str, Any]]], with_name: bool = True) 
     body = []
     for name, d in rows:
         version = (d.get("extras") or {}).get("aa_version", "standard")
-        cells = ([str(name)] if with_name else []) + [_cell(d.get("clean")), _cell(d.get("pgd"))]
+        se = _standard_errors(d)
+        cells = ([str(name)] if with_name else []) + [_cell(d.get(k), se[k]) for k in ("clean", "pgd")]
         for v in groups:
-            cells += [_cell(d.get(k) if v == version else None) for k in ("aa", "mean", "nrr")]
+            cells += [_cell(d.get(k), se[k]) if v == version else _cell(None) for k in ("aa", "mean", "nrr")]
         body.append(cells)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     left = 1 if with_name else 0  # the name column is left-aligned, numbers right-aligned
@@ -432,6 +452,10 @@ def _render(rows: Sequence[tuple[str, dict[str, Any]]], with_name: bool = True) 
 def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """A markdown table ``name | Clean | PGD-20 | AA | Mean | NRR`` of several reports (2 decimals).
 
+    Each accuracy shows its standard error on the report's ``n_examples`` images,
+    ``72.30 ± 1.42`` (:func:`rpat.evaluation.metrics.accuracy_se`); Mean the conservative
+    bound ``(SE_Clean + SE_AA) / 2`` (:func:`~rpat.evaluation.metrics.mean_se`); NRR is
+    shown without ``±``, and so is every value of a report that does not give ``n_examples``.
     ``rows`` are ``(name, report.to_dict())`` pairs (a ``RobustnessReport`` is
     accepted in place of its dict); missing values print as ``-``. Reports of
     the apgd version go to ``AA(APGD) | Mean(APGD) | NRR(APGD)`` columns; a

@@ -25,11 +25,19 @@ check prints one warning line. The checks:
     noise tolerance ``max(1, 300/n)`` points *above* PGD with the usual steps;
     a stronger attack scoring higher is a gradient-masking sign.
 ``late_attacks``
-    AutoAttack's black-box and boundary attacks (FAB-T, Square) find no image
-    that APGD-CE and APGD-T missed (``masking_drop`` of the per-attack record
-    is not positive). When they do, the gradient attacks were held back: a
-    possible sign of gradient masking. Needs the evaluation's per-attack record
-    (standard AutoAttack); skipped otherwise.
+    AutoAttack's black-box and boundary attacks (FAB-T, Square) break no more
+    images that APGD-CE and APGD-T missed than noise explains. It fails only
+    when they break at least ``LATE_MIN_IMAGES`` (3) images *and* at least
+    ``LATE_MIN_PERCENT`` (1%) of the evaluated images (``masking_drop`` of the
+    per-attack record, in points, is that share); fewer is a warning with the
+    counts, and the check passes. Why: Square is a random search and FAB-T a
+    boundary attack, so even on a model with honest gradients they find the
+    odd image APGD missed (typically a few tenths of a point at most), while a
+    model that masks its gradients loses several points to them. The count
+    floor keeps one or two lucky images from failing a small evaluation (one
+    image of 100 is already 1%), the rate floor keeps a large evaluation's
+    handful (10 of 10,000 is 0.1%) from failing it. Needs the evaluation's
+    per-attack record (standard AutoAttack); skipped otherwise.
 
 When the evaluation's PGD accuracy is already at most 1%, ``large_eps`` and
 ``more_steps`` cannot inform (the gradient attack works) and are skipped, which
@@ -59,6 +67,10 @@ SANITY_CHECKS = ("eval_mode", "deterministic", "eps0_equals_clean", "ordering", 
                  "late_attacks")
 #: PGD accuracy (percent) at or below which ``large_eps`` and ``more_steps`` are skipped.
 SKIP_BELOW_PGD = 1.0
+#: ``late_attacks`` fails only when FAB-T/Square break at least this many images APGD missed...
+LATE_MIN_IMAGES = 3
+#: ... and at least this percentage of the evaluated images (see the module doc for why).
+LATE_MIN_PERCENT = 1.0
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, batch_size: int,
@@ -84,15 +96,36 @@ def _large_eps(threat: ThreatModel, x: Tensor) -> ThreatModel:
     return ThreatModel(threat.norm, eps, eps / 4, max(threat.steps, 20))
 
 
-def _late_attacks_check(report: dict[str, Any] | None) -> dict[str, Any]:
+def late_attacks_check(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``late_attacks`` verdict on an evaluation's numbers (``RobustnessReport.to_dict()``).
+
+    Returns ``{"passed", "detail"}`` plus, when FAB-T/Square ran, ``"drop"`` (points of
+    robust accuracy they took after APGD, :func:`masking_drop`), ``"broken"`` (images) and
+    ``"n_examples"``; ``"warning": True`` when they broke images but fewer than
+    ``LATE_MIN_IMAGES`` or less than ``LATE_MIN_PERCENT`` % of them (within noise: passed);
+    ``"skipped": True`` without a standard-AutoAttack per-attack record.
+    """
     drop = masking_drop(report) if report else None
     if drop is None:
         return {"passed": True, "skipped": True,
                 "detail": "skipped: no per-attack AutoAttack record with FAB-T/Square (standard AutoAttack only)"}
-    return {"passed": drop <= 0, "drop": drop,
-            "detail": (f"FAB-T/Square lowered robust accuracy by {drop:.2f} points after APGD-T: "
-                       "a possible sign of gradient masking" if drop > 0 else
-                       "FAB-T/Square found nothing APGD-CE/APGD-T missed")}
+    n = report.get("n_examples")
+    records = (report.get("extras") or {}).get("aa_per_attack") or []
+    gradient = [r for r in records if r["attack"].startswith("apgd")]
+    if "n_robust" in gradient[-1] and "n_robust" in records[-1]:
+        broken = int(gradient[-1]["n_robust"]) - int(records[-1]["n_robust"])
+    else:
+        broken = round(drop * n / 100.0) if n else None
+    out: dict[str, Any] = {"drop": drop, "broken": broken, "n_examples": n}
+    if drop <= 0:
+        return {"passed": True, **out, "detail": "FAB-T/Square found nothing APGD-CE/APGD-T missed"}
+    of = f"{broken} of {n} images" if broken is not None and n else f"{drop:.2f}% of the images"
+    what = f"FAB-T/Square broke {of} that APGD missed ({drop:.2f}%)"
+    rule = f"at least {LATE_MIN_IMAGES} images and {LATE_MIN_PERCENT:g}% of them"
+    if (broken is None or broken >= LATE_MIN_IMAGES) and drop >= LATE_MIN_PERCENT:
+        return {"passed": False, **out, "detail": f"{what}, {rule}: a possible sign of gradient masking"}
+    return {"passed": True, "warning": True, **out,
+            "detail": f"warning: {what}; within noise (gradient masking is flagged from {rule})"}
 
 
 def run_sanity_checks(
@@ -119,13 +152,15 @@ def run_sanity_checks(
             ``extras.aa_per_attack``), e.g. ``RobustnessReport.to_dict()``; without it the
             ordering uses the subset's clean and PGD accuracy and ``late_attacks`` is skipped.
         n_examples: subset size (the first images).
-        warn: called with one line per failed check.
+        warn: called with one line per failed check, and one per check that passed with a
+            warning (``late_attacks`` below its threshold).
         log: called with one line per check as it finishes (result and seconds).
 
     Returns:
-        ``{"passed": bool, "failed": [names], "skipped": [names], "n_examples": n, "seconds": s,
-        "checks": {name: {"passed": bool, "detail": str, "seconds": s, ...numbers}}}``;
-        a skipped check has ``"skipped": True`` and counts as passed.
+        ``{"passed": bool, "failed": [names], "skipped": [names], "warnings": [names], "n_examples": n,
+        "seconds": s, "checks": {name: {"passed": bool, "detail": str, "seconds": s, ...numbers}}}``;
+        a skipped check has ``"skipped": True``, one that passed with a warning ``"warning": True``;
+        both count as passed.
     """
     if not isinstance(threat, ThreatModel):
         raise InputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -145,7 +180,7 @@ def run_sanity_checks(
         clock[0] = now
         checks[name] = result
         if log is not None:
-            state = "" if result.get("skipped") else ("ok " if result["passed"] else "FAILED ")
+            state = "" if result.get("skipped") or result.get("warning") else ("ok " if result["passed"] else "FAILED ")
             log(f"sanity {name}: {state}({result['seconds']:.1f} s): {result['detail']}")
 
     def pct(count: int) -> float:
@@ -225,14 +260,17 @@ def run_sanity_checks(
                            f"(may exceed it by at most {tol_s:.2f} points)"),
             })
 
-        done("late_attacks", _late_attacks_check(report))
+        done("late_attacks", late_attacks_check(report))
 
     failed = [k for k, v in checks.items() if not v["passed"]]
     skipped = [k for k, v in checks.items() if v.get("skipped")]
+    warned = [k for k, v in checks.items() if v["passed"] and v.get("warning")]
     if warn is not None:
         for k in failed:
             warn(f"rpat: warning: sanity check {k} failed: {checks[k]['detail']}")
-    return {"passed": not failed, "failed": failed, "skipped": skipped, "n_examples": n,
+        for k in warned:
+            warn(f"rpat: warning: sanity check {k}: {checks[k]['detail'].removeprefix('warning: ')}")
+    return {"passed": not failed, "failed": failed, "skipped": skipped, "warnings": warned, "n_examples": n,
             "seconds": time.perf_counter() - t0, "checks": checks}
 
 
@@ -245,6 +283,9 @@ def summarize(result: dict[str, Any]) -> str:
         head += f"{len(result['failed'])} of {ran} FAILED ({', '.join(result['failed'])})"
     else:
         head += f"all {ran} passed"
+    warned = result.get("warnings", [])
+    if warned:
+        head += f"; {len(warned)} warning{'s' if len(warned) > 1 else ''} ({', '.join(warned)})"
     if skipped:
         head += f"; skipped {', '.join(skipped)}"
     return head

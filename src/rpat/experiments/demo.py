@@ -21,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
 from ..config import build_config
 from ..evaluation.checkpoint_eval import evaluate_checkpoint
 from ..evaluation.robustness import format_table
@@ -60,8 +62,6 @@ def _one_run(label: str, name: str, use_rpat: bool, out: Path, epochs: int | Non
     As a worker process: one torch thread, every line of its log prefixed with ``[label]``.
     """
     if worker:
-        import torch
-
         torch.set_num_threads(1)
         sys.stdout = _Prefixed(sys.__stdout__, f"[{label}] ")  # type: ignore[assignment]
         progress = False

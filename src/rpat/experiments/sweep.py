@@ -17,10 +17,7 @@ With ``autoattack="apgd"`` the AutoAttack columns are ``AA(APGD)``,
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
-import json
 import os
 import subprocess
 import sys
@@ -30,9 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .. import run_dir as rd
+from ..checkpoint import load_checkpoint
 from ..config import Config, build_config, load_yaml
 from ..errors import InputError
+from ..evaluation.checkpoint_eval import aa_version
+from ..evaluation.report import write_report
 from ..presets import GRID_PREFIX, list_presets
+from ..reports import sweep_table
+from ..training import Trainer
 
 
 # ---- what to run ---------------------------------------------------------------------
@@ -107,43 +112,24 @@ def collect_runs(specs: list[str], overrides: list[str] | None = None) -> list[S
 
 
 # ---- running -------------------------------------------------------------------------
-EVALS = ("best", "final")
-
-
-def _eval_path(run_dir: Path, which: str) -> Path:
-    return run_dir / f"eval_{which}.json"
-
-
-def _version(autoattack: bool | str | None) -> str:
-    from ..evaluation.checkpoint_eval import aa_version
-
-    return aa_version(autoattack)
-
-
 def _eval_ok(path: Path, n_examples: int | None, autoattack: bool | str) -> bool:
-    if not path.is_file():
+    rep = rd.read_report(path)
+    if rep is None:
         return False
-    try:
-        done = json.loads(path.read_text()).get("sweep", {})
-    except json.JSONDecodeError:
-        return False
+    done = rep.get("sweep") or {}
     recorded = done.get("autoattack")  # older sweeps recorded True/False
     return (done.get("n_examples") == n_examples and recorded is not None
-            and _version(recorded) == _version(autoattack))
+            and aa_version(recorded) == aa_version(autoattack))
 
 
 def is_finished(run_dir: Path, n_examples: int | None, autoattack: bool | str) -> bool:
     """True when training ended (final.pt) and best/final were evaluated with these settings
     (``autoattack``: ``"standard"``/True, ``"apgd"``, ``"none"``/False)."""
-    return (run_dir / "final.pt").is_file() and all(
-        _eval_ok(_eval_path(run_dir, w), n_examples, autoattack) for w in EVALS)
+    return (run_dir / rd.FINAL).is_file() and all(
+        _eval_ok(rd.eval_report_path(run_dir, w), n_examples, autoattack) for w in rd.EVALUATED)
 
 
 def _same_weights(a: Path, b: Path) -> bool:
-    import torch
-
-    from ..checkpoint import load_checkpoint
-
     sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -159,145 +145,39 @@ def train_and_evaluate(
     log: Callable[[str], None] = print,
 ) -> str:
     """Train (or resume, or skip) one run, then evaluate best.pt and final.pt. Returns what it did."""
-    from ..evaluation.checkpoint_eval import aa_state_path, evaluate_for_report, remove_aa_state
-    from ..training import Trainer
-
     run_dir = out / run.name
     if is_finished(run_dir, n_examples, autoattack):
         log(f"[{run.name}] finished: skipped")
         return "skipped"
     did = "evaluated"
-    if not (run_dir / "final.pt").is_file():
-        resume = (run_dir / "last.pt").is_file()
+    if not (run_dir / rd.FINAL).is_file():
+        resume = (run_dir / rd.LAST).is_file()
         log(f"[{run.name}] {'resuming' if resume else 'training'}: {run.cfg.describe()}")
         Trainer(run.cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log).fit()
         did = "resumed" if resume else "trained"
-    dev = device or run.cfg.device
+    version = aa_version(autoattack)
+    settings = {"sweep": {"n_examples": n_examples, "autoattack": version}}
     reports: dict[str, dict[str, Any]] = {}
-    for which in EVALS:
-        path = _eval_path(run_dir, which)
+    for which in rd.EVALUATED:
+        path = rd.eval_report_path(run_dir, which)
         if _eval_ok(path, n_examples, autoattack):
             continue
         ckpt = run_dir / f"{which}.pt"
-        if which == "final" and "best" in reports and _same_weights(run_dir / "best.pt", ckpt):
-            result = {**reports["best"], "checkpoint": str(ckpt), "same_weights_as": "best"}
+        if which == "final" and "best" in reports and _same_weights(run_dir / rd.BEST, ckpt):
+            result = {**reports["best"], "checkpoint": str(ckpt), "same_weights_as": "best", **settings}
+            rd.write_report_file(path, result)
         else:
-            resuming = aa_state_path(path).is_file()
-            log(f"[{run.name}] evaluating {which}.pt" + (" (resuming AutoAttack)" if resuming else ""))
-            report, info = evaluate_for_report(ckpt, path, say=lambda m: log(f"[{run.name}] {m}"),
-                                               n_examples=n_examples, autoattack=_version(autoattack),
-                                               device=dev, progress=progress)
-            result = {**info, **report.to_dict()}
-        result["sweep"] = {"n_examples": n_examples, "autoattack": _version(autoattack)}
+            log(f"[{run.name}] evaluating {which}.pt")
+            result = write_report(ckpt, path, say=lambda m: log(f"[{run.name}] {m}"), extra=settings,
+                                  n_examples=n_examples, autoattack=version, device=device or run.cfg.device,
+                                  progress=progress)
         reports[which] = result
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        remove_aa_state(path)
     return did
 
 
-# ---- the table -----------------------------------------------------------------------
-METRICS = (("clean", "Clean"), ("pgd", "PGD-20"), ("aa", "AA"), ("mean", "Mean"), ("nrr", "NRR"))
-#: The AutoAttack-derived metrics, labelled ``AA(APGD)`` etc. when the cheaper version made them.
-AA_KEYS = ("aa", "mean", "nrr")
-APGD_SUFFIX = "(APGD)"
-COLUMNS = ["run", "setting", "method", *[f"{label} ({w})" for w in EVALS for _, label in METRICS]]
-
-
-def _labels(version: str) -> list[tuple[str, str]]:
-    """``(key, column label)`` of each metric for an evaluation made with AutoAttack ``version``."""
-    return [(k, label + APGD_SUFFIX if version == "apgd" and k in AA_KEYS else label) for k, label in METRICS]
-
-
-def columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The table's columns: :data:`COLUMNS`, with AA(APGD)/Mean(APGD)/NRR(APGD) in place of (or, in a
-    mixed sweep, after) AA/Mean/NRR when a row has values there."""
-    cols = ["run", "setting", "method", "best selected on", "test images"]
-    for w in EVALS:
-        for key, label in METRICS:
-            names = [label] + ([label + APGD_SUFFIX] if key in AA_KEYS else [])
-            present = [n for n in names if any(r.get(f"{n} ({w})") is not None for r in rows)]
-            cols += [f"{n} ({w})" for n in (present or [label])]
-    return cols
-
-
-def _result_version(res: dict[str, Any]) -> str:
-    recorded = (res.get("sweep") or {}).get("autoattack")
-    if recorded is None:
-        recorded = (res.get("extras") or {}).get("aa_version", res.get("autoattack", True))
-    return _version(recorded)
-
-
-def method_label(cfg: Config) -> str:
-    """``"TRADES + RPAT"``, ``"PGD-AT + RPAT (second_to_last)"``, ``"MART"``..."""
-    label = METHOD_LABELS.get(cfg.method.name, cfg.method.name)
-    if cfg.rpat.enabled:
-        label += " + RPAT" + ("" if cfg.rpat.proxy == "logits" else f" ({cfg.rpat.proxy})")
-    return label
-
-
-def gather(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
-    """One row per run: run, setting (dataset/arch/norm), method, then the metrics of best and final."""
-    rows = []
-    for run in runs:
-        c = run.cfg
-        row: dict[str, Any] = {"run": run.name, "setting": f"{c.data.dataset}/{c.model.arch}/{c.attack.norm}",
-                               "method": method_label(c), "best selected on": _selection(out / run.name)}
-        counts = set()
-        for which in EVALS:
-            path = _eval_path(out / run.name, which)
-            res = json.loads(path.read_text()) if path.is_file() else {}
-            if res.get("n_examples") is not None:
-                counts.add(int(res["n_examples"]))
-            for key, label in _labels(_result_version(res) if res else "standard"):
-                row[f"{label} ({which})"] = res.get(key)
-        row["test images"] = "/".join(str(n) for n in sorted(counts)) or None
-        rows.append(row)
-    return rows
-
-
-def _selection(run_dir: Path) -> str | None:
-    """Where the run chose best.pt (meta.json's ``selection``, shortened): ``"test (first 1000)"``,
-    ``"validation (1000 train)"``; None before the run has started."""
-    try:
-        sel = json.loads((run_dir / "meta.json").read_text()).get("selection", "")
-    except (OSError, ValueError):
-        return None
-    n = next((w for w in sel.replace(",", "").split() if w.isdigit()), "?")
-    if sel.startswith("validation"):
-        return f"validation ({n} train)"
-    return f"test (first {n})" if sel.startswith("test") else (sel or None)
-
-
-def _fmt(v: Any) -> str:
-    return "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
-
-
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """Table 1 layout: one row per method ± RPAT; Clean/PGD-20/AA/Mean/NRR of best, then of final (%).
-
-    AA(APGD) results (``--autoattack apgd``) get their own columns, never the AA ones."""
-    cols = columns(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    cols = columns(rows)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: ("" if r.get(c) is None else (round(r[c], 4) if isinstance(r[c], float) else r[c]))
-                    for c in cols})
-    return buf.getvalue()
-
-
 def write_tables(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
-    rows = gather(runs, out)
-    (out / "results.md").write_text(to_markdown(rows))
-    (out / "results.csv").write_text(to_csv(rows))
-    return rows
+    """``out/results.md`` and ``out/results.csv`` (:mod:`rpat.reports.sweep_table`); returns the rows."""
+    return sweep_table.write_tables([(r.name, r.cfg) for r in runs], out)
 
 
 # ---- the whole sweep -----------------------------------------------------------------
@@ -310,8 +190,6 @@ def parse_gpus(text: str | None) -> list[str]:
     if not text:
         return []
     if text == "all":
-        import torch
-
         return [str(i) for i in range(torch.cuda.device_count())]
     ids = [t.strip() for t in text.split(",") if t.strip()]
     if not ids or not all(t.isdigit() for t in ids):
@@ -372,7 +250,7 @@ def run_sweep(
             did = train_and_evaluate(run, out, n_examples=n_examples, autoattack=autoattack, device=device,
                                      progress=progress, log=log)
             log(f"[{run.name}] {did} ({i + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s)")
-    return write_tables(runs, out) if write_table else gather(runs, out)
+    return write_tables(runs, out) if write_table else sweep_table.gather([(r.name, r.cfg) for r in runs], out)
 
 
 def run_workers(specs: list[str], out: Path, todo: list[SweepRun], overrides: list[str], n_examples: int | None,
@@ -396,7 +274,7 @@ def run_workers(specs: list[str], out: Path, todo: list[SweepRun], overrides: li
                "--only", ",".join(share)]
         cmd += [a for o in overrides for a in ("--set", o)]
         cmd += ["--n-examples", str(n_examples)] if n_examples is not None else ["--all-test-images"]
-        cmd += ["--autoattack", _version(autoattack)]
+        cmd += ["--autoattack", aa_version(autoattack)]
         cmd += ["--device", device] if device else []
         f = open(logs / f"{name}.log", "a")  # noqa: SIM115 - closed after the process ends
         procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra_env}, stdout=f,

@@ -3,18 +3,20 @@
 All models take images in [0, 1] (normalization, if any, is a layer inside
 the model) and expose the perception proxies of :data:`PROXIES` through
 ``forward_proxies``. Build them by name with :func:`create_model`; load public
-or rpat weights with :func:`load_weights`.
+or rpat weights with :func:`load_weights`;
+:func:`infer_arch` tells which models a state_dict fits.
 """
 
 from . import preact_resnet, resnet, small_cnn, wide_resnet  # noqa: F401 -- registers the models
 from .base import PROXIES, ImageClassifier
-from .loading import load_weights
+from .loading import infer_arch, load_weights
 from .registry import create_model, list_models, register_model, resolve_model_name
 
 __all__ = [
     "PROXIES",
     "ImageClassifier",
     "create_model",
+    "infer_arch",
     "list_models",
     "load_weights",
     "register_model",

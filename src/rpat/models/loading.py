@@ -60,6 +60,70 @@ def _architectures_with_keys(keys: set[str]) -> list[str]:
     return fits
 
 
+def _renamed(state_dict: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` under the model's key names: wrapper prefixes stripped, unused public keys dropped,
+    a missing BatchNorm ``num_batches_tracked`` filled with 0. InputError for a non-tensor entry or a
+    key present twice."""
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise InputError(f"checkpoint entry {key!r} is not a named tensor; is this a state_dict?")
+        new_key = _strip_wrappers(key, model_sd)
+        if new_key.startswith(UNUSED_PREFIXES) and new_key not in model_sd:
+            continue
+        if new_key in cleaned:
+            raise InputError(f"checkpoint holds {new_key!r} twice (with and without a wrapper prefix)")
+        cleaned[new_key] = value
+    for key, value in model_sd.items():
+        if key.endswith(".num_batches_tracked") and key not in cleaned:
+            prefix = key[: -len("num_batches_tracked")]
+            if f"{prefix}running_mean" in cleaned:
+                cleaned[key] = torch.zeros_like(value)
+    return cleaned
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor], num_classes: int | None = None,
+               in_chans: int | None = None) -> list[str]:
+    """The registered models (canonical names, sorted) that ``state_dict`` fits exactly.
+
+    A model fits when, after the renames :func:`load_weights` applies (wrapper
+    prefixes, unused public keys, old BatchNorm keys), the state_dict has exactly
+    its keys with exactly its shapes. ``num_classes`` / ``in_chans`` fix the size
+    of the classifier head / the stem's input channels; ``None`` takes them from
+    the weights (the head's rows, the first convolution's dim 1). Models are
+    built on the meta device (no memory, no initialization cost). Not a state_dict
+    (non-tensor entries, a key twice): ``[]``.
+
+    Example: a CIFAR ResNet-18 state_dict (``conv1.weight`` ``(64, 3, 3, 3)`` ...
+    ``linear.weight`` ``(10, 512)``) gives ``["resnet18"]``.
+    """
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        return []
+    fits = []
+    with torch.device("meta"):
+        for name in list_models():
+            probe = create_model(name)
+            probe_sd = probe.state_dict()
+            try:
+                cleaned = _renamed(state_dict, probe_sd)
+            except InputError:
+                return []  # not a state_dict at all: no model fits
+            if set(cleaned) != set(probe_sd):
+                continue
+            head = sorted(k for k in _head_keys(probe) if k.endswith("weight"))
+            stem = _stem_key(probe_sd)
+            nc = num_classes if num_classes is not None else (cleaned[head[0]].shape[0] if head else 10)
+            ic = in_chans if in_chans is not None else (cleaned[stem].shape[1] if stem and
+                                                       cleaned[stem].dim() == 4 else 3)
+            try:
+                model_sd = create_model(name, num_classes=int(nc), in_chans=int(ic)).state_dict()
+            except InputError:
+                continue
+            if all(cleaned[k].shape == v.shape for k, v in model_sd.items()):
+                fits.append(name)
+    return fits
+
+
 def _display_name(model: nn.Module, arch: str | None) -> str:
     if arch is not None:
         try:
@@ -101,23 +165,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch:
             break
     name = _display_name(model, arch)
     model_sd = model.state_dict()
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise InputError(f"checkpoint entry {key!r} is not a named tensor; is this a state_dict?")
-        new_key = _strip_wrappers(key, model_sd)
-        if new_key.startswith(UNUSED_PREFIXES) and new_key not in model_sd:
-            continue
-        if new_key in cleaned:
-            raise InputError(f"checkpoint holds {new_key!r} twice (with and without a wrapper prefix)")
-        cleaned[new_key] = value
-
-    for key, value in model_sd.items():
-        if key.endswith(".num_batches_tracked") and key not in cleaned:
-            prefix = key[: -len("num_batches_tracked")]
-            if f"{prefix}running_mean" in cleaned:
-                cleaned[key] = torch.zeros_like(value)
-
+    cleaned = _renamed(state_dict, model_sd)
     missing = [k for k in model_sd if k not in cleaned]
     unexpected = [k for k in cleaned if k not in model_sd]
     reshaped = [k for k in model_sd if k in cleaned and cleaned[k].shape != model_sd[k].shape]

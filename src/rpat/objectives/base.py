@@ -1,24 +1,19 @@
-"""The objective interface shared by every training method.
+"""The leaf interfaces of the objectives: ``Forwards`` and ``BaseMethod``; it imports no term.
 
 A training step is: the method's attack makes ``x_adv`` (model in eval mode,
-input gradients only), then the method's base loss is computed in train mode,
-and, when RPAT is on, ``λ·R`` is added in one place (``Objective.loss``).
+input gradients only), then the method's base loss is computed in train mode.
 Forward passes go through ``Forwards``, which runs each distinct input once per
-step, so the base loss and the RPAT term share e.g. ``f(x_adv)``.
+step, so the base loss and the terms added on top (RPAT, the ReBAT / RPAT++
+teacher term; composed in ``objective.py``) share e.g. ``f(x_adv)``.
+Every term and method module imports this one, never the composer.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..attacks.threat import ThreatModel
-
-if TYPE_CHECKING:
-    from .rebat import TeacherTerm
-    from .rpat import RPATTerm
 
 
 class Forwards:
@@ -54,7 +49,8 @@ class Forwards:
 class BaseMethod:
     """A base adversarial-training method: its attack and its loss.
 
-    Subclasses set ``name`` and implement ``attack`` and ``loss``. A method that
+    Subclasses set ``name`` (the registry key, e.g. ``"pgd_at"``), ``label`` (the human
+    name in tables and logs, e.g. ``"PGD-AT"``) and implement ``attack`` and ``loss``. A method that
     trains on several augmented views of each image sets ``views`` (e.g. 2): the
     loader then yields ``x = cat([view_1, ..., view_V])`` ``(V·B, C, H, W)`` and
     ``y = cat([y] * V)``, and the method splits them itself (``x.chunk(V)``).
@@ -62,6 +58,7 @@ class BaseMethod:
     """
 
     name: str = ""
+    label: str = ""
     views: int = 1
 
     def rpat_pairs(self, x: torch.Tensor, x_adv: torch.Tensor) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
@@ -87,54 +84,3 @@ class BaseMethod:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(L_base, terms)``; terms are 0-dim tensors for logging (not synced)."""
         raise NotImplementedError
-
-
-class Objective:
-    """A base method plus, optionally, the RPAT term: ``L = L_base + λ·R``.
-
-    ``teacher`` (optional) adds ReBAT's BoAT / the RPAT++ term ``β_e·KL(teacher ‖ student)``
-    towards the weight-averaged model (``rebat.py``); the trainer binds that model to it.
-    """
-
-    def __init__(self, method: BaseMethod, rpat: RPATTerm | None = None, teacher: TeacherTerm | None = None):
-        self.method = method
-        self.rpat = rpat
-        self.teacher = teacher
-
-    @property
-    def name(self) -> str:
-        return (self.method.name + ("+rpat" if self.rpat is not None else "")
-                + (f"+{self.teacher.name}" if self.teacher is not None else ""))
-
-    def step(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        epoch: int,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Attack and loss for one batch; the model must be in train mode.
-
-        Returns the total loss (0-dim, with grad) and the detached loss terms.
-        """
-        x_adv = self.method.attack(model, x, y, generator)
-        return self.loss(model, x, y, x_adv, epoch)
-
-    def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, epoch: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        use_rpat = self.rpat is not None and self.rpat.active(epoch)
-        fw = Forwards(model, self.rpat.proxy if use_rpat else "logits")
-        total, terms = self.method.loss(fw, x, y, x_adv)
-        if use_rpat:
-            pairs = self.method.rpat_pairs(x, x_adv)
-            r = sum(self.rpat(fw, xb, xa, kb, ka) for kb, xb, ka, xa in pairs) / len(pairs)
-            total = total + self.rpat.lam * r
-            terms["rpat"] = r.detach()
-        if self.teacher is not None and self.teacher.active(epoch):
-            kl = self.teacher(fw, x, x_adv)
-            total = total + self.teacher.weight(epoch) * kl
-            terms[self.teacher.name] = kl.detach()
-        terms["loss"] = total.detach()
-        return total, terms

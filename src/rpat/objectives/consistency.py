@@ -47,6 +47,7 @@ class ConsistencyAT(BaseMethod):
     """Consistency-AT: weight ``lam`` (paper: 1) on JS at temperature ``temperature`` (0.5)."""
 
     name = "consistency_at"
+    label = "Consistency-AT"
     views = 2
 
     def __init__(self, threat: ThreatModel, lam: float = 1.0, temperature: float = 0.5):

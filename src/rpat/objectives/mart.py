@@ -68,6 +68,7 @@ class MART(BaseMethod):
     instead of the official code's constants (see the module docstring)."""
 
     name = "mart"
+    label = "MART"
 
     def __init__(self, threat: ThreatModel, beta: float = 6.0, exact: bool = False):
         super().__init__(threat)

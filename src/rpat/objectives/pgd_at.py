@@ -14,6 +14,7 @@ class PGDAT(BaseMethod):
     """``L_base = CE(f(x_adv), y)``; x_adv by PGD on CE from a uniform random start."""
 
     name = "pgd_at"
+    label = "PGD-AT"
 
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None

@@ -37,6 +37,14 @@ from .base import Forwards
 from .rpat import interpolate
 
 TARGETS: tuple[str, ...] = ("adversarial", "robust_perception")
+#: The method a teacher target makes, as run labels name it (Table 6 rows).
+TARGET_LABELS: dict[str, str] = {"adversarial": "ReBAT", "robust_perception": "RPAT++"}
+
+
+def check_target(target: str) -> None:
+    """InputError unless ``target`` is one of ``TARGETS``."""
+    if target not in TARGETS:
+        raise InputError(f"unknown rebat.target {target!r}; valid: {', '.join(TARGETS)}")
 
 
 def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -74,8 +82,7 @@ class TeacherTerm:
     teacher: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InputError(f"unknown rebat.target {self.target!r}; valid: {', '.join(TARGETS)}")
+        check_target(self.target)
         for name in ("beta", "beta_growth"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
@@ -88,6 +95,11 @@ class TeacherTerm:
     @property
     def name(self) -> str:
         return "boat" if self.target == "adversarial" else "rp_teacher"
+
+    @property
+    def label(self) -> str:
+        """``"ReBAT"`` (target adversarial) or ``"RPAT++"`` (target robust_perception)."""
+        return TARGET_LABELS[self.target]
 
     def bind(self, teacher: nn.Module) -> None:
         """Use ``teacher`` (the weight-averaged model, kept in eval mode) from now on."""

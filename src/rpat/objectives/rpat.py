@@ -21,6 +21,7 @@ statistics differ (``docs/bn_forwards.md``, ``tests/test_bn_forwards.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,16 @@ from ..models.base import PROXIES
 from .base import Forwards
 
 
+def check_proxy(proxy: str) -> None:
+    """InputError unless ``proxy`` is one of ``rpat.models.base.PROXIES``."""
+    if proxy not in PROXIES:
+        raise InputError(f"unknown proxy {proxy!r}; valid: {', '.join(PROXIES)}")
+
+
 def _check(alpha: float, proxy: str) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"rpat alpha must be in [0, 1], got {alpha!r}")
-    if proxy not in PROXIES:
-        raise InputError(f"unknown proxy {proxy!r}; valid: {', '.join(PROXIES)}")
+    check_proxy(proxy)
 
 
 def interpolate(x: torch.Tensor, x_adv: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -55,7 +61,7 @@ def robust_perception_loss(
     alpha: float = 0.5,
     proxy: str = "logits",
 ) -> torch.Tensor:
-    """The RPAT regularizer R(x, x_adv − x) of NOTES.md, differentiable in the model's parameters.
+    """The RPAT regularizer R(x, Δ) = MSE(h(x + aΔ), (1 − a)·h(x) + a·h(x + Δ)) (Wang and Liu, ICCV 2025, Sec. 4), differentiable in the model's parameters.
 
     Args:
         model: an ``rpat`` model (inputs in [0, 1]). It is run in train mode
@@ -89,7 +95,10 @@ class RPATTerm:
 
     lam: weight λ >= 0 (paper: 1). alpha: interpolation rate a in [0, 1] (0.5).
     proxy: perception proxy. start_epoch: first (0-based) epoch where the term is on.
+    ``label``: the term's name in run labels (``registry.method_label``).
     """
+
+    label: ClassVar[str] = "RPAT"
 
     lam: float = 1.0
     alpha: float = 0.5

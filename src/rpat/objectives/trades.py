@@ -43,6 +43,7 @@ class TRADES(BaseMethod):
     """TRADES with weight ``beta`` (paper: 6) on the KL term."""
 
     name = "trades"
+    label = "TRADES"
 
     def __init__(self, threat: ThreatModel, beta: float = 6.0):
         super().__init__(threat)

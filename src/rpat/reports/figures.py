@@ -1,11 +1,18 @@
 """Figures (matplotlib, Agg backend), readable in grayscale: markers, line styles and hatches carry meaning.
 
 Every function writes ``<stem>.png`` and ``<stem>.pdf`` (or the ``formats`` given)
-and returns the written paths.
+and returns the written paths; ``make_plane_figure`` and ``make_consistency_figure``
+return the matplotlib figure itself (what ``plane_figure``/``consistency_figure`` save).
+
+The accuracy-robustness plane draws ±1 error bars on both axes (the tables' ``±``) and
+never zooms in on noise: each axis spans at least ``max(10 points, 6·SE)`` around the
+data (:func:`plane_limits`). Consistency figures of several runs share one y range per
+metric (:func:`shared_ylims`; the comparison figure shares one axis).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,10 @@ LINESTYLES = ("-", "--", "-.", ":")
 GRAYS = ("0.0", "0.45", "0.7", "0.25", "0.55")
 GROUP_STYLE = {"defended": {"ls": "-", "marker": "o", "color": "0.1", "hatch": ""},
                "failed": {"ls": "--", "marker": "s", "color": "0.55", "hatch": "///"}}
+#: The plane's axes span at least this many accuracy points ...
+PLANE_MIN_SPAN = 10.0
+#: ... and at least this many times the largest standard error on the axis.
+PLANE_MIN_SE = 6.0
 METRIC_LABEL = {"clean_adv": "MSE(h(x), h(x_adv))", "clean_mid": "MSE(h(x), h(x_mid))",
                 "mid_adv": "MSE(h(x_mid), h(x_adv))"}
 
@@ -63,12 +74,53 @@ def _boxplot(ax: Any, data: list[list[float]], labels: list[str], hatches: list[
         med.set_color("black")
 
 
+def _default_proxy(result: dict[str, Any]) -> str | None:
+    final = result.get("final", result if "stats" in result else None)
+    epochs = result.get("epochs") or []
+    src = final or (epochs[0] if epochs else None)
+    return (src.get("proxies") or [None])[0] if src else None
+
+
+def shared_ylims(results: Sequence[dict[str, Any]], proxy: str | None = None,
+                 pad: float = 1.25) -> dict[str, tuple[float, float]]:
+    """One (log-scale) y range per MSE metric covering every consistency result given, for figures that compare.
+
+    Covers the per-example values (the box plots) and the epoch means (the trends) of each
+    result's ``proxy`` (default: its first), widened by the factor ``pad`` on both ends.
+    Metrics with no positive finite value get no entry.
+    """
+    out = {}
+    for m in METRIC_LABEL:
+        vals: list[float] = []
+        for res in results:
+            px = proxy or _default_proxy(res)
+            final = res.get("final", res if "stats" in res else None)
+            if final is not None and px in (final.get("values") or {}):
+                vals += final["values"][px].get(m, [])
+            for e in res.get("epochs") or []:
+                for g in ("defended", "failed"):
+                    vals.append(((e.get("stats") or {}).get(px, {}).get(g, {}).get(m) or {}).get("mean"))
+        ok = [float(v) for v in vals if v is not None and math.isfinite(float(v)) and float(v) > 0]
+        if ok:
+            out[m] = (min(ok) / pad, max(ok) * pad)
+    return out
+
+
 def consistency_figure(result: dict[str, Any], stem: str | Path, proxy: str | None = None,
-                       title: str | None = None, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+                       title: str | None = None, formats: Sequence[str] = ("png", "pdf"),
+                       ylims: dict[str, tuple[float, float]] | None = None) -> list[Path]:
+    """Save :func:`make_consistency_figure` as ``<stem>.<fmt>``; return the paths."""
+    return save_figure(make_consistency_figure(result, proxy, title, ylims), stem, formats)
+
+
+def make_consistency_figure(result: dict[str, Any], proxy: str | None = None, title: str | None = None,
+                            ylims: dict[str, tuple[float, float]] | None = None) -> Any:
     """Per-group distributions of the three MSEs (top row) and, for a run, their trend over epochs.
 
     ``result`` is the output of ``consistency_of_checkpoint`` (with per-example
-    ``values``) or of ``consistency_of_run`` (``final`` + ``epochs``).
+    ``values``) or of ``consistency_of_run`` (``final`` + ``epochs``). ``ylims`` (metric ->
+    ``(low, high)``, e.g. :func:`shared_ylims` of several runs) fixes each metric's y range,
+    so the figures of several runs compare at a glance.
     """
     plt = _plt()
     final = result.get("final", result if "stats" in result else None)
@@ -108,10 +160,15 @@ def consistency_figure(result: dict[str, Any], stem: str | Path, proxy: str | No
             ax.set_title(f"mean {METRIC_LABEL[m]}", fontsize=9)
         axes[r][0].legend(fontsize=8)
         axes[r][0].set_ylabel(f"{proxy}: group mean")
+    if ylims:
+        for row in axes:
+            for ax, m in zip(row, metrics, strict=True):
+                if m in ylims:
+                    ax.set_ylim(*ylims[m])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, stem, formats)
+    return fig
 
 
 def consistency_comparison_figure(results: Sequence[tuple[str, dict[str, Any]]], stem: str | Path,
@@ -166,12 +223,43 @@ def smoothness_figure(results: Sequence[dict[str, Any]], stem: str | Path,
     return save_figure(fig, stem, formats)
 
 
+def plane_limits(values: Sequence[float], errors: Sequence[float | None], min_span: float = PLANE_MIN_SPAN,
+                 n_se: float = PLANE_MIN_SE) -> tuple[float, float]:
+    """Axis limits of the accuracy-robustness plane: never zoomed in on noise.
+
+    The limits hold every value with its error bar (``value ± error``) plus a 10 % margin,
+    and span at least ``max(min_span, n_se·SE)`` points (``SE`` the largest error on the
+    axis; 10 points and 6 SE by default), centred on the data, so a difference of a few
+    images never fills the axis. Shifted (not shrunk) to stay inside [0, 100] where the span allows.
+    """
+    errs = [e or 0.0 for e in errors]
+    lo = min(v - e for v, e in zip(values, errs, strict=True))
+    hi = max(v + e for v, e in zip(values, errs, strict=True))
+    span = max((hi - lo) * 1.1, min_span, n_se * max(errs, default=0.0))
+    centre = (lo + hi) / 2
+    lo, hi = centre - span / 2, centre + span / 2
+    if lo < 0:
+        lo, hi = 0.0, hi - lo
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
+
+
 def plane_figure(runs: Sequence[Any], stem: str | Path, which: str = "best",
                  formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Save :func:`make_plane_figure` as ``<stem>.<fmt>``; return the paths."""
+    return save_figure(make_plane_figure(runs, which), stem, formats)
+
+
+def make_plane_figure(runs: Sequence[Any], which: str = "best") -> Any:
     """The accuracy-robustness plane: Clean (x) vs AA (y; PGD-20 when a run has no AA), one point per run.
 
-    ``runs`` are :class:`rpat.reports.collect.RunRecord`; an arrow goes from each
-    baseline to the RPAT run with the same dataset, model, method, norm and seed.
+    ``runs`` are :class:`rpat.reports.collect.RunRecord` (a seed group is one point);
+    an arrow goes from each baseline to the RPAT run with the same dataset, model,
+    method, norm and seed. Each point has ±1 error bars on both axes, the ``±`` of the
+    tables (:meth:`~rpat.reports.collect.RunRecord.error`: the standard error on the
+    images, the sd over seeds for a seed group; none where unknown), and each axis spans
+    at least 10 points or 6 SE (:func:`plane_limits`), whichever is larger.
     """
     plt = _plt()
     pts = [(r, r.results.get(which)) for r in runs]
@@ -180,8 +268,16 @@ def plane_figure(runs: Sequence[Any], stem: str | Path, which: str = "best",
         raise InputError(f"no run has {which} results to place on the accuracy-robustness plane")
     use_aa = all(d.get("aa") is not None for _, d in pts)
     key = "aa" if use_aa else "pgd"
+    pts = [(r, d) for r, d in pts if d.get(key) is not None]
+    if not pts:
+        raise InputError(f"no run has {which} Clean and PGD-20 results to place on the accuracy-robustness plane")
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    xerr = [_error(r, which, "clean") for r, _ in pts]
+    yerr = [_error(r, which, key) for r, _ in pts]
     for i, (r, d) in enumerate(pts):
+        if xerr[i] is not None or yerr[i] is not None:
+            ax.errorbar(d["clean"], d[key], xerr=xerr[i], yerr=yerr[i], fmt="none", ecolor="0.35", elinewidth=1,
+                        capsize=3, zorder=2)
         ax.scatter(d["clean"], d[key], marker=MARKERS[i % len(MARKERS)], s=55,
                    facecolor="white" if not r.rpat else "0.2", edgecolor="black", zorder=3, label=r.label)
     base = {r.pair_key: d for r, d in pts if not r.rpat}
@@ -190,13 +286,22 @@ def plane_figure(runs: Sequence[Any], stem: str | Path, which: str = "best",
         if b is not None:
             ax.annotate("", xy=(d["clean"], d[key]), xytext=(b["clean"], b[key]),
                         arrowprops={"arrowstyle": "->", "color": "0.3", "lw": 1.2})
+    ax.set_xlim(*plane_limits([d["clean"] for _, d in pts], xerr))
+    ax.set_ylim(*plane_limits([d[key] for _, d in pts], yerr))
     ax.set_xlabel(f"Clean accuracy (%), {which}")
     ax.set_ylabel(f"{'AutoAttack' if use_aa else 'PGD-20'} accuracy (%), {which}")
-    ax.set_title("accuracy-robustness plane (filled: + RPAT)", fontsize=9)
+    grouped = any(getattr(r, "seeds", ()) for r, _ in pts)
+    bars = "error bars: ±1 SE" + (" (sd over seeds for seed groups)" if grouped else "")
+    ax.set_title(f"accuracy-robustness plane (filled: + RPAT; {bars})", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return save_figure(fig, stem, formats)
+    return fig
+
+
+def _error(run: Any, which: str, metric: str) -> float | None:
+    err = getattr(run, "error", None)
+    return err(which, metric) if callable(err) else None
 
 
 def curves_figure(runs: Sequence[Any], stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:

@@ -1,9 +1,9 @@
 """``speed.cuda_graph``: the whole training step captured once as a CUDA graph and replayed.
 
 On a GPU, rpat's step at CIFAR size is bound by kernel launches and Python dispatch,
-not by arithmetic (issue 15: PreActResNet-18, batch 128, bf16 + channels_last, 1,151
-img/s eager vs 3,714 img/s captured on an H100). Since the step makes no host sync,
-all of it can be recorded once with ``torch.cuda.graph`` and replayed per batch:
+not by arithmetic (measurements: ``benchmarks/README.md``). Since the step makes no host
+sync, all of it (:class:`rpat.training.step.TrainStep`) can be recorded once with
+``torch.cuda.graph`` and replayed per batch:
 
     attack (PGD with its random start) → loss (base + RPAT + teacher term) → backward
     → non-finite guard (on-device flags) → SGD update → skip-restore → weight averaging
@@ -23,7 +23,8 @@ What reaches the graph, and how:
 - **epoch-dependent parts** (RPAT ``start_epoch``, the ReBAT/RPAT++ teacher's start and
   β growth, the "$" stronger adversary, the start of weight averaging) are Python-level
   choices baked into a capture: :func:`phase_key` maps an epoch to a key of all of them,
-  and the step is re-captured whenever the key changes.
+  built from ``Objective.phase(epoch)`` (the same calls the loss makes, so key and loss cannot
+  disagree), and the step is re-captured whenever the key changes.
 - **random starts**: the attack's generator is one persistent device generator,
   re-seeded at every epoch start with ``derived_seed(seed, epoch, 1)`` exactly like the
   eager trainer's fresh per-epoch generator; it is registered with the graph
@@ -37,10 +38,9 @@ tensors), then the step is captured and replayed; the **last partial batch** of 
 (when the batch size does not divide the training set) runs eagerly through the same
 step function, so no image is dropped and the result equals the eager trainer's.
 
-Not captured: the held-out PGD-20 evaluation (1,000 images at batch 500 per epoch, far less
-launch-bound than the training step at batch 128; ``tools/gpu_check.py`` reports its share of
-the epoch as epoch wall time minus ``train_loop_s``), the data loader, and under DDP nothing
-(refused: the all-reduce hooks have not been shown capture-safe here).
+Not captured: the held-out PGD-20 evaluation (far less launch-bound than the training step:
+batch 500 against 128; ``tools/gpu_check.py`` reports its share of the epoch), the data
+loader, and under DDP nothing (refused: the all-reduce hooks have not been shown capture-safe).
 
 The CPU has no graphs: ``speed.cuda_graph=eager`` runs this module's bookkeeping (static
 buffers, lr tensor, phase keys and their re-capture points, in-place sums and guard)
@@ -51,36 +51,28 @@ the CPU tests exercise; it gives exactly the eager trainer's weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..attacks.threat import ThreatModel
 from ..errors import InputError
-from .nonfinite import NonFiniteGuard
-
-if TYPE_CHECKING:
-    from ..config import Config
-    from ..models.averaging import WeightAverage
-    from ..objectives import Objective
+from ..models.averaging import WeightAverage
+from ..objectives import Objective
+from .step import TrainStep
 
 
-def phase_key(cfg: Config, epoch: int) -> tuple[Hashable, ...]:
+def phase_key(objective: Objective, epoch: int, *, threat: ThreatModel,
+              averaging_start: int | None = None) -> tuple[Hashable, ...]:
     """Everything epoch-dependent that a captured step bakes in, for 0-based ``epoch``.
 
-    ``(rpat on, teacher on, teacher β_e, weight averaging running, training threat)``;
-    the trainer re-captures the step whenever the key of the current epoch differs
-    from the captured one.
+    ``(objective.phase(epoch), weight averaging running, training threat)``;
+    ``averaging_start`` is the first epoch of the EMA (None: no averaging). The trainer
+    re-captures the step whenever the key of the current epoch differs from the captured one.
     """
-    from ..objectives import RPATTerm
-
-    r = cfg.rpat
-    rpat_on = r.enabled and RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch).active(epoch)
-    teacher = cfg.teacher_term()
-    t_on = teacher is not None and teacher.active(epoch)
-    beta = teacher.weight(epoch) if t_on else 0.0
-    wa = cfg.averaging.enabled and epoch >= cfg.averaging.start_epoch
-    return (rpat_on, t_on, beta, wa, cfg.train_threat_at(epoch))
+    wa = averaging_start is not None and epoch >= averaging_start
+    return (objective.phase(epoch), wa, threat)
 
 
 @torch.no_grad()
@@ -200,99 +192,58 @@ class CapturedStep:
 class GraphTrainStep:
     """The trainer's step for ``speed.cuda_graph`` (true: captured; ``"eager"``: the stand-in).
 
-    Owns the static buffers (``x``, ``y``, the lr and step tensors), the persistent attack
-    generator, the non-finite guard and the in-place loss sums, all living across epochs
-    so that a captured graph keeps pointing at them. Per epoch: :meth:`start_epoch`, then
-    :meth:`step` for every batch, then :meth:`sums_now` / :attr:`guard` / :attr:`n_good`.
+    Wraps the one :class:`~rpat.training.step.TrainStep` (built with the tensor-lr SGD update and no
+    autocast cache) and owns what a captured graph keeps pointing at: the static buffers (``x``,
+    ``y``, the lr and step tensors) and, through the TrainStep, the attack generator, the guard and
+    the in-place loss sums. Per epoch: :meth:`start_epoch`, then :meth:`step` for every batch.
     """
 
-    def __init__(self, *, cfg: Config, model: nn.Module, step_model: nn.Module, objective: Objective,
+    def __init__(self, *, model: nn.Module, step_model: nn.Module, objective: Objective,
                  optimizer: torch.optim.SGD, averager: WeightAverage | None, device: torch.device,
-                 capture: bool, warmup: int = 3):
+                 nonfinite: str, amp: bool, channels_last: bool, capture: bool, warmup: int = 3):
         if capture and device.type != "cuda":
             raise InputError("speed.cuda_graph=true needs a CUDA device; use speed.cuda_graph=eager to run "
                              "its bookkeeping without capture, or false")
         if capture and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             raise InputError(f"speed.cuda_graph needs a torch with CUDAGraph.register_generator_state "
                              f"(this is {torch.__version__})")
-        self.cfg, self.model, self.step_model = cfg, model, step_model
-        self.objective, self.optimizer, self.averager = objective, optimizer, averager
-        self.device = device
-        self.amp = cfg.speed.amp == "bf16"
-        self.channels_last = cfg.speed.channels_last
-        self.generator = torch.Generator(device=device)
-        self.guard = NonFiniteGuard(model, optimizer, cfg.nonfinite, device)
-        self.sums: dict[str, Tensor] = {}
-        self.keys: list[str] = []  # the loss terms of the current phase, in the order the step made them
-        self.n_good = torch.zeros((), device=device)
+        self.optimizer, self.averager, self.device = optimizer, averager, device
         self.lr = torch.zeros((), device=device)
+        self.train_step = TrainStep(model=model, step_model=step_model, objective=objective, optimizer=optimizer,
+                                    averager=averager, nonfinite=nonfinite, device=device, amp=amp,
+                                    channels_last=channels_last, update=lambda: sgd_update_(optimizer, self.lr),
+                                    cast_cache=False)  # no cast cache across a capture
         self.step_t = torch.zeros((), dtype=torch.long, device=device)
         self.x: Tensor | None = None
         self.y: Tensor | None = None
-        self.epoch = 0
+        ts = self.train_step
         self.captured = CapturedStep(self._static_step, capture=capture, warmup=warmup,
-                                     generators=[self.generator] if capture else [])
+                                     generators=[ts.generator] if capture else [])
         self._lrs: Tensor | None = None
         self._steps: Tensor | None = None
 
     def start_epoch(self, epoch: int, seed: int, lrs: Sequence[float]) -> None:
         """Reset sums and guard in place, re-seed the attack generator, load the epoch's lr table."""
-        self.epoch = int(epoch)
-        self.generator.manual_seed(seed)
-        for v in self.sums.values():
-            v.zero_()
-        self.n_good.zero_()
-        self.guard.reset()
+        self.train_step.start_epoch(epoch, seed)
         # lr as float32, the precision SGD's float lr is applied in to fp32 weights
         self._lrs = torch.tensor(list(lrs), dtype=torch.float32).to(self.device)
         self._steps = torch.arange(len(lrs), dtype=torch.long).to(self.device)
 
     def step(self, x: Tensor, y: Tensor, step: int, lr: float, key: Hashable) -> None:
         """One training step on batch ``x`` ``(B, C, H, W)`` in [0, 1], labels ``y`` ``(B,)``."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr  # what the checkpoint's optimizer state records, as in the eager trainer
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        ts = self.train_step
+        ts.set_lr(lr)  # what the checkpoint's optimizer state records, as in the eager trainer
+        x = ts.prepare(x)
         if self.x is None:
             self.x, self.y = torch.empty_like(x), torch.empty_like(y)
         self.lr.copy_(self._lrs[step])
         if x.shape != self.x.shape:  # the last partial batch: the same step, eagerly, on its own tensors
-            self._step(x, y, step)
+            ts(x, y, step)
             return
         self.x.copy_(x)
         self.y.copy_(y)
         self.step_t.copy_(self._steps[step])
         self.captured.run(key)
 
-    def sums_now(self) -> dict[str, Tensor]:
-        """This epoch's loss-term sums (each ``term · batch size``), for the current phase's terms."""
-        return {k: self.sums[k] for k in self.keys}
-
     def _static_step(self) -> None:
-        self._step(self.x, self.y, self.step_t)
-
-    def _step(self, x: Tensor, y: Tensor, step: int | Tensor) -> None:
-        """The trainer's eager step, with every state change in place (see the module docstring)."""
-        guard, opt = self.guard, self.optimizer
-        guard.snapshot()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
-                            cache_enabled=False):  # no cast cache across a capture
-            loss, terms = self.objective.step(self.step_model, x, y, self.epoch, self.generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ok = guard.observe(step, loss, terms)
-        sgd_update_(opt, self.lr)
-        guard.restore_if_bad(ok)
-        if self.averager is not None:
-            self.averager.update(self.model, self.epoch)
-        b = y.shape[0]
-        for k, v in terms.items():
-            if guard.skip:
-                v = torch.where(ok, v, torch.zeros_like(v))
-            if k in self.sums:
-                self.sums[k] += v * b
-            else:  # first step of a phase: never inside a capture (the warm-up comes first)
-                self.sums[k] = v * b
-        if guard.skip:
-            self.n_good += ok * b
-        self.keys = list(terms)
+        self.train_step(self.x, self.y, self.step_t)

@@ -1,4 +1,5 @@
-"""The ``rpat analyze``, ``rpat ablation`` and ``rpat report`` subcommands (registered by ``rpat.cli``)."""
+"""``rpat analyze`` (consistency, smoothness), ``rpat ablation`` (the λ × a grid) and ``rpat report``
+(tables and figures from run directories)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from ..analysis.consistency import check_proxies, consistency_of_checkpoint, consistency_of_run, write_json
+from ..analysis.smoothness import smoothness_of_checkpoint, smoothness_table
 from ..errors import InputError
+from ..experiments.ablation import ablation_grid, parse_grid, run_ablation, write_ablation
+from ..reports import build_report
+from ..reports.figures import consistency_figure, smoothness_figure
 
 EXAMPLES_ANALYZE = """\
 examples:
@@ -50,13 +58,7 @@ in bold), plane.png/.pdf (Clean vs AA, arrows baseline -> RPAT), curves.png/.pdf
 """
 
 
-def _csv_floats(text: str, what: str) -> list[float]:
-    from ..experiments.ablation import parse_grid
-
-    return parse_grid(text, what)
-
-
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``analyze``, ``ablation`` and ``report`` on the main parser's subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     a = sub.add_parser("analyze", help="perception consistency and smoothness analyses of checkpoints",
@@ -146,9 +148,6 @@ def _figure_stem(args: argparse.Namespace, stem: Path) -> Path:
 
 
 def run_consistency(args: argparse.Namespace) -> int:
-    from ..reports.figures import consistency_figure
-    from .consistency import check_proxies, consistency_of_checkpoint, consistency_of_run, write_json
-
     proxies = check_proxies(args.proxy)
     formats = _formats(args.formats)
     for n, what in ((args.n_examples, "--n-examples"), (args.trend_examples, "--trend-examples")):
@@ -179,17 +178,11 @@ def run_consistency(args: argparse.Namespace) -> int:
 
 
 def run_smoothness(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..reports.figures import smoothness_figure
-    from .consistency import write_json
-    from .smoothness import smoothness_of_checkpoint, smoothness_table
-
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise InputError(f"got {len(args.labels)} labels for {len(args.checkpoints)} checkpoints")
     if args.n_points < 1 or args.power_iters < 1:
         raise InputError("--n-points and --power-iters must be >= 1")
-    alphas = _csv_floats(args.alphas, "alphas")
+    alphas = parse_grid(args.alphas, "alphas")
     if not all(0 < a <= 1 for a in alphas):
         raise InputError(f"--alphas must be in (0, 1], got {args.alphas!r}")
     dtype = torch.float32 if args.float32 else torch.float64
@@ -219,8 +212,6 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_ablation_cmd(args: argparse.Namespace) -> int:
-    from ..experiments.ablation import ablation_grid, parse_grid, run_ablation, write_ablation
-
     grid = ablation_grid(args.method, parse_grid(args.lam, "lam"), parse_grid(args.alpha, "alpha"),
                          preset=args.preset, base_config=args.base_config, overrides=args.overrides,
                          baseline=not args.no_baseline)
@@ -236,8 +227,6 @@ def run_ablation_cmd(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from ..reports import build_report
-
     which = [w.strip() for w in args.which.split(",") if w.strip()]
     formats = _formats(args.formats)
     written = build_report(args.runs, args.out, labels=args.labels, which=which, consistency=args.consistency,
@@ -245,6 +234,3 @@ def run_report(args: argparse.Namespace) -> int:
     print((Path(args.out) / "table.md").read_text(), end="")
     print("wrote " + ", ".join(map(str, written)))
     return 0
-
-
-HANDLERS = {"analyze": run_analyze, "ablation": run_ablation_cmd, "report": run_report}

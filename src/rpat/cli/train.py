@@ -1,0 +1,141 @@
+"""``rpat train``: build the config from preset, file, flags and overrides, train, and with ``--eval``
+evaluate best.pt and final.pt into the run directory's reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import __version__, distributed
+from .. import run_dir as rd
+from ..config import Config, build_config
+from ..errors import InputError
+from ..evaluation.report import write_report
+from ..evaluation.robustness import format_table
+from ..training import Trainer
+from .common import print_per_attack
+
+EXAMPLES_TRAIN = """\
+examples:
+  rpat train --preset cifar10_benchmark --data-root data --run-dir runs/pgdat
+  rpat train --preset cifar10_benchmark --rpat --run-dir runs/pgdat_rpat
+  rpat train --preset cifar10_benchmark rpat.enabled=true rpat.proxy=second_to_last optim.epochs=30
+  rpat train --config my.yaml --run-dir runs/x --resume
+  rpat train --dataset imagefolder --data-root ~/cifar10-jpeg --arch small_cnn --epochs 5
+  rpat train --preset cifar10_rpatpp_strong --dataset imagefolder --data-root data --run-dir runs/rpatpp_s
+
+overrides are section.key=value pairs (values parsed as YAML; eps as 8/255):
+  data.{dataset,root,download,train_subset,batch_size,augment,val_size,val_seed}  model.{arch,normalize}
+  attack.{norm,eps,step_size,steps,strong_after_decay,strong_eps,strong_step_size,strong_steps}
+  method.{name,mart_exact}  rpat.{enabled,lam,alpha,proxy,start_epoch}  averaging.{enabled,decay,start_epoch}
+  rebat.{enabled,beta,target,alpha,start_epoch,beta_growth}
+  optim.{epochs,lr,momentum,weight_decay,nesterov,schedule,milestones,gamma}
+  eval.{n_examples,eps,step_size,steps,batch_size}  seed  device  log_interval  nonfinite={stop,skip}
+  speed.{amp=none|bf16,channels_last,compile,sync_bn}   (see benchmarks/README.md for what each pays)
+
+several GPUs (DistributedDataParallel; data.batch_size is the global batch, split over the processes):
+  torchrun --nproc-per-node 4 -m rpat train --preset cifar10_benchmark --rpat --run-dir runs/ddp speed.amp=bf16
+
+SIGINT (Ctrl-C) or SIGTERM stops training at once; last.pt keeps the last finished epoch and
+`rpat train --run-dir DIR --resume` continues exactly (exit status 130 / 143).
+"""
+
+#: The flags that set one config key: (argument, section, key).
+_FLAG_KEYS = (("dataset", "data", "dataset"), ("data_root", "data", "root"), ("arch", "model", "arch"),
+              ("method", "method", "name"), ("epochs", "optim", "epochs"))
+#: The checkpoint each ``--eval`` report is made of.
+_CHECKPOINTS = {"best": rd.BEST, "final": rd.FINAL}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="adversarially train a model (PGD-AT, TRADES, MART, Consistency-AT; + RPAT)",
+                       description="Train a model. Config = defaults < --preset < --config < flags < overrides.",
+                       epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.05")
+    p.add_argument("--preset", help="a built-in config (see `rpat list presets`)")
+    p.add_argument("--config", help="a YAML config file")
+    p.add_argument("--run-dir", default=None, help="where checkpoints and logs go (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir")
+    p.add_argument("--dataset", help="cifar10, cifar100, tiny-imagenet, imagefolder, digits")
+    p.add_argument("--data-root", help="folder with the dataset archive / image-folder tree")
+    p.add_argument("--download", action="store_true", help="download the dataset archive if missing")
+    p.add_argument("--arch", help="model name (see `rpat list models`)")
+    p.add_argument("--method", help="base method (see `rpat list methods`)")
+    p.add_argument("--rpat", action="store_true", help="add the RPAT term (rpat.enabled=true)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--eval", action="store_true",
+                   help="after training, evaluate best.pt and final.pt (Clean/PGD-20/AA/Mean/NRR)")
+    p.add_argument("--n-examples", type=int, default=1000, help="test images for --eval (default 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[dict]:
+    """The config layer the flags make (above --config, below the KEY=VALUE overrides)."""
+    flags: list[dict] = []
+    for key, section, name in _FLAG_KEYS:
+        v = getattr(args, key)
+        if v is not None:
+            flags.append({section: {name: v}})
+    if args.download:
+        flags.append({"data": {"download": True}})
+    if args.rpat:
+        flags.append({"rpat": {"enabled": True}})
+    if args.seed is not None:
+        flags.append({"seed": args.seed})
+    if args.device is not None:
+        flags.append({"device": args.device})
+    return flags
+
+
+def _default_run_dir(cfg: Config) -> Path:
+    """``runs/<dataset>_<arch>_<method>[_rpat][_rebat|_rpatpp]``."""
+    name = f"{cfg.data.dataset}_{cfg.model.arch}_{cfg.method.name}{'_rpat' if cfg.rpat.enabled else ''}"
+    if cfg.rebat.enabled:
+        name += "_rebat" if cfg.rebat.target == "adversarial" else "_rpatpp"
+    return Path("runs") / name
+
+
+def _evaluate_run(run_dir: Path, summary: dict, *, n_examples: int, device: str, progress: bool) -> None:
+    """``--eval``: best.pt and final.pt into eval_best.json / eval_final.json, then one table."""
+    rows = []
+    for which, checkpoint in _CHECKPOINTS.items():
+        out = rd.eval_report_path(run_dir, which)
+        if summary["already_finished"] and out.is_file():  # a finished run is not evaluated again
+            print(f"{out} exists (run already finished): shown as it is")
+            rows.append((which, json.loads(out.read_text())))
+            continue
+        extra = {"selected_on": summary["held_out"]} if which == "best" else None
+        result = write_report(run_dir / checkpoint, out, say=print, extra=extra, n_examples=n_examples,
+                              device=device, progress=progress)
+        rows.append((which, result))
+    print(format_table(rows))
+    print(f"(best = best.pt, selected on the {summary['held_out']})")
+    print_per_attack(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.resume and run_dir is None:
+        raise InputError("--resume needs --run-dir")
+    cfg = build_config(args.preset, args.config, [*_flag_overrides(args), *args.overrides])
+    if run_dir is None:
+        run_dir = _default_run_dir(cfg)
+    progress = not args.no_progress
+    trainer = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    if trainer.is_main:
+        print(f"rpat {__version__}: {trainer.cfg.describe()} -> {run_dir}", flush=True)
+    summary = trainer.fit()
+    if trainer.dist.active:  # under torchrun: rank 0 reports (and evaluates); the others are done
+        distributed.cleanup()
+        if not trainer.is_main:
+            return 0
+    hint = "" if summary["held_out"].startswith("validation") else "; data.val_size=N selects on a validation split"
+    print(f"done: best.pt = epoch {summary['best_epoch']}, held-out PGD {summary['best_held_out_pgd']:.2f} "
+          f"(selected on the {summary['held_out']}{hint}); checkpoints in {run_dir}")
+    if args.eval:
+        _evaluate_run(run_dir, summary, n_examples=args.n_examples, device=trainer.cfg.device, progress=progress)
+    return 0

@@ -36,6 +36,7 @@ from rpat.evaluation import (
     masking_drop,
     pgd_accuracy,
 )
+from rpat.evaluation.metrics import accuracy_se
 
 K = 4
 N = 40
@@ -327,8 +328,12 @@ def test_format_per_attack_masking_drop_and_mixed_tables() -> None:
     lines = format_table([("a", std), ("b", apgd), ("c", {**std, "aa": None, "mean": None, "nrr": None})]).splitlines()
     assert cells(lines[0]) == ["model", "Clean", "PGD-20", "AA", "Mean", "NRR", "AA(APGD)", "Mean(APGD)",
                                "NRR(APGD)"]
-    assert cells(lines[2])[3:] == ["27.00", "40.00", "35.00", "-", "-", "-"]
-    assert cells(lines[3])[3:] == ["-", "-", "-", "29.00", "40.00", "35.00"]
+    def values(cs: list[str]) -> list[str]:  # each cell without its "± standard error"
+        return [c.split(" ± ")[0] for c in cs]
+
+    assert values(cells(lines[2])[3:]) == ["27.00", "40.00", "35.00", "-", "-", "-"]
+    assert values(cells(lines[3])[3:]) == ["-", "-", "-", "29.00", "40.00", "35.00"]
+    assert cells(lines[2])[3] == f"27.00 ± {accuracy_se(27.0, std['n_examples']):.2f}"
     assert cells(lines[4])[3:] == ["-"] * 6
     only_apgd = cells(format_table([("b", apgd)]).splitlines()[0])
     assert only_apgd == ["model", "Clean", "PGD-20", "AA(APGD)", "Mean(APGD)", "NRR(APGD)"]

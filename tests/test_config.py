@@ -90,7 +90,8 @@ def test_bad_files(tmp_path):
 
 # ---- mistakes a new user makes (issue "Every number honest") ---------------------------------------
 def test_a_step_size_above_one_is_refused_with_the_k_over_255_hint():
-    with pytest.raises(InputError, match=r"attack\.step_size=2 is above 1.*did you mean 2/255\? \(attack\.step_size=2/255\)"):
+    hint = r"attack\.step_size=2 is above 1.*did you mean 2/255\? \(attack\.step_size=2/255\)"
+    with pytest.raises(InputError, match=hint):
         build_config(None, None, ["attack.step_size=2"])
     with pytest.raises(InputError, match=r"eval\.eps=8 is above 1"):
         build_config(None, None, ["eval.eps=8"])
@@ -138,3 +139,9 @@ def test_an_alias_is_stored_by_its_canonical_name_and_config_yaml_has_resolved_b
     d = yaml.safe_load(dump_yaml(cfg))
     assert d["attack"]["eps"] == "8/255" and d["attack"]["step_size"] == "2/255" and d["eval"]["eps"] == "8/255"
     assert config_from_dict(d).train_threat() == cfg.train_threat()
+
+
+def test_the_cpu_quick_preset_is_small_and_its_schedule_fits_its_epochs():
+    cfg = build_config("cifar10_cpu_quick")
+    assert (cfg.model.arch, cfg.data.train_subset, cfg.optim.epochs) == ("small_cnn", 5000, 5)
+    assert max(cfg.optim.milestones) < cfg.optim.epochs and cfg.warnings() == []

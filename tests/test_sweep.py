@@ -189,3 +189,22 @@ def test_run_workers_deals_runs_and_matches_a_sequential_sweep(tmp_path):
         assert p.keys() == s.keys() and all(torch.equal(p[k], s[k]) for k in p), name
         assert (json.loads((par / name / "eval_final.json").read_text())["pgd"]
                 == json.loads((seq / name / "eval_final.json").read_text())["pgd"])
+
+
+@pytest.mark.parametrize("spec, label", [
+    *[(f"bench/cifar10/resnet18/linf/{m}/{v}", name + (" + RPAT" if v == "rpat" else ""))
+      for m, name in (("pgd_at", "PGD-AT"), ("trades", "TRADES"), ("mart", "MART"),
+                      ("consistency_at", "Consistency-AT")) for v in ("base", "rpat")],
+    ("cifar10_rebat", "ReBAT"), ("cifar10_rpatpp", "RPAT++"),
+])
+def test_rpat_report_and_rpat_sweep_label_a_run_alike(tmp_path, spec, label):
+    """One label per method: the sweep table's and `rpat report`'s, read from the same run directory."""
+    from rpat.config import dump_yaml
+    from rpat.reports.collect import load_run
+    from rpat.reports.sweep_table import gather
+
+    cfg = build_config(spec)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump_yaml(cfg))
+    assert cfg.label() == label
+    assert gather([("run", cfg)], tmp_path)[0]["method"] == load_run(tmp_path / "run").label == label

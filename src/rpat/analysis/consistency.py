@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import run_dir as rd
 from ..attacks.pgd import eval_mode
 from ..attacks.threat import ThreatModel
 from ..errors import InputError
@@ -169,7 +170,7 @@ def consistency_of_run(
     run = Path(run_dir)
     if not run.is_dir():
         raise InputError(f"run directory {str(run)!r} not found")
-    final = next((run / f for f in ("final.pt", "last.pt") if (run / f).is_file()), None)
+    final = next((run / f for f in (rd.FINAL, rd.LAST) if (run / f).is_file()), None)
     epochs = epoch_checkpoints(run)
     if final is None and not epochs:
         raise InputError(f"{str(run)!r} holds no final.pt, last.pt or epochs/epoch_NNNN.pt checkpoints")

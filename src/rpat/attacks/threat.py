@@ -8,7 +8,6 @@ as ``k/255``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from fractions import Fraction
 
 from ..errors import InputError
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -54,7 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """rpat's own warnings (an unverified checkpoint, a cache it could not write) as one ``rpat: warning:`` line."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        print(f"rpat: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for `rpat eval --jobs N` to re-launch itself

@@ -53,8 +53,10 @@ examples:
 
 reads each run's config.yaml, metrics.jsonl and eval JSON (eval_best.json / eval_final.json from
 `rpat train --eval`, or best.eval.json / final.eval.json from `rpat eval`; without them, the held-out
-log: Clean and PGD-20 only), and writes table.md / table.csv / table.tex (best value of each column
-in bold), plane.png/.pdf (Clean vs AA, arrows baseline -> RPAT), curves.png/.pdf (training curves).
+log: Clean and PGD-20 only), and writes table.md / table.csv / table.tex (each accuracy ± its
+standard error; a column's best in bold only when it beats the next by more than 2·sqrt(SE1² + SE2²);
+runs that differ only in the seed as one row, mean ± sd), plane.png/.pdf (Clean vs AA, arrows
+baseline -> RPAT, ±1 SE error bars), curves.png/.pdf (training curves).
 """
 
 

@@ -19,7 +19,7 @@ from ..evaluation.robustness import format_table
 from ..evaluation.sanity import summarize
 from ..run_dir import report_path_for
 from ..utils import progress_enabled, resolve_device
-from .common import add_autoattack, print_per_attack
+from .common import HelpFormatter, add_autoattack, print_per_attack
 
 EXAMPLES_EVAL = """\
 examples:
@@ -62,12 +62,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate checkpoints like the paper: Clean, PGD-20, AutoAttack "
                        "(standard), Mean = (Clean+AA)/2 and NRR = 2*Clean*AA/(Clean+AA), in percent; "
                        "one table, one row per checkpoint, plus the robust accuracy after each attack.",
-                       epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EXAMPLES_EVAL, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="+",
                    help="rpat checkpoints (best.pt, final.pt) or plain state_dicts; globs are expanded")
-    p.add_argument("--arch", help="architecture of a plain state_dict")
+    p.add_argument("--arch", help="architecture of a plain state_dict (default: inferred from its keys and "
+                   "shapes when exactly one of rpat's models fits)")
     p.add_argument("--dataset", help="dataset (default: the checkpoint's, else cifar10)")
     p.add_argument("--data-root", help="dataset folder (default: the checkpoint's, else data)")
+    p.add_argument("--download", action="store_true", help="download the dataset's test archive if missing")
     p.add_argument("--n-examples", type=int,
                    help="N test images (default: the whole test set; class-mixed for folders)")
     add_autoattack(p)
@@ -81,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--norm", choices=["linf", "l2"], help="threat model norm (default: the checkpoint's)")
     p.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255")
     p.add_argument("--step-size", help="PGD step size, e.g. 2/255")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -178,31 +180,16 @@ def run(args: argparse.Namespace) -> int:
     main_rank = ctx.is_main
     say = _say if main_rank else _quiet
     progress = progress_enabled(not args.no_progress) and main_rank
-    log = _log if main_rank else None
+    log = _log if main_rank else _quiet
     device = args.device
     if ctx.active and len(reused) < len(plans):
         _, device = distributed.setup(resolve_device(args.device))
     rows = []
     try:
-        for i, (c, _, out) in enumerate(plans):
-            if i in reused:
-                say(f"reused {out} ({c}: same checkpoint and settings; --force recomputes)")
-                if "sanity" in reused[i]:
-                    say(summarize(reused[i]["sanity"]))
-                rows.append((c, reused[i]))
-                continue
-            # the sanity checks run on rank 0 only; the other ranks wait for it at the next barrier
-            result = write_report(
-                c, out, say=say, sanity=sanity, force=args.force, arch=args.arch, dataset=args.dataset,
-                data_root=args.data_root, n_examples=args.n_examples, autoattack=args.autoattack, norm=args.norm,
-                eps=args.eps, step_size=args.step_size, steps=args.steps, batch_size=args.batch_size,
-                device=device, seed=args.seed, progress=progress, log=log, normalize=args.normalize, warn=_warn,
-            )
-            if result is None:  # not rank 0
-                continue
-            say(f"{c}: {result['arch']} on {result['n_examples']} {result['dataset']} test images, "
-                f"{result['threat']}")
-            rows.append((c, result))
+        _evaluate_all(plans, reused, rows, args, say=say, sanity=sanity, device=device, progress=progress, log=log)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("interrupted; AutoAttack's finished attacks are saved beside the report "
+                                "(<report>.aa-state.json): run the same command again to resume") from None
     finally:
         if ctx.active:
             distributed.cleanup()
@@ -210,3 +197,28 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         print_per_attack(rows)
     return 0
+
+
+def _evaluate_all(plans: list, reused: dict, rows: list, args: argparse.Namespace, *, say, sanity: bool,
+                  device, progress: bool, log) -> None:
+    """Each planned checkpoint: its reused report, or a new one (``write_report``); rows appended in order."""
+    for i, (c, _, out) in enumerate(plans):
+        if i in reused:
+            say(f"reused {out} ({c}: same checkpoint and settings; --force recomputes)")
+            if "sanity" in reused[i]:
+                say(summarize(reused[i]["sanity"]))
+            rows.append((c, reused[i]))
+            continue
+        # the sanity checks run on rank 0 only; the other ranks wait for it at the next barrier
+        result = write_report(
+            c, out, say=say, sanity=sanity, force=args.force, arch=args.arch, dataset=args.dataset,
+            data_root=args.data_root, n_examples=args.n_examples, autoattack=args.autoattack, norm=args.norm,
+            eps=args.eps, step_size=args.step_size, steps=args.steps, batch_size=args.batch_size,
+            device=device, seed=args.seed, progress=progress, log=log, normalize=args.normalize, warn=_warn,
+            download=args.download,
+        )
+        if result is None:  # not rank 0
+            continue
+        say(f"{c}: {result['arch']} on {result['n_examples']} {result['dataset']} test images, "
+            f"{result['threat']}")
+        rows.append((c, result))

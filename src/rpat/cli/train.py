@@ -9,12 +9,12 @@ from pathlib import Path
 
 from .. import __version__, distributed
 from .. import run_dir as rd
-from ..config import Config, build_config
+from ..config import Config, build_config, dump_yaml
 from ..errors import InputError
 from ..evaluation.report import write_report
 from ..evaluation.robustness import format_table
 from ..training import Trainer
-from .common import print_per_attack
+from .common import HelpFormatter, add_autoattack, print_per_attack
 
 EXAMPLES_TRAIN = """\
 examples:
@@ -38,7 +38,14 @@ several GPUs (DistributedDataParallel; data.batch_size is the global batch, spli
   torchrun --nproc-per-node 4 -m rpat train --preset cifar10_benchmark --rpat --run-dir runs/ddp speed.amp=bf16
 
 SIGINT (Ctrl-C) or SIGTERM stops training at once; last.pt keeps the last finished epoch and
-`rpat train --run-dir DIR --resume` continues exactly (exit status 130 / 143).
+`rpat train --run-dir DIR --resume` continues exactly (exit status 130 / 143). A resumed run keeps its
+own config (other flags are ignored, and said so); `--resume --epochs N` with N above the run's epochs
+continues a finished run to N epochs (piecewise milestones kept, so the lr stays at its last value).
+
+without a preset, the defaults are the paper's 110-epoch ResNet-18 benchmark; for a first try on a CPU:
+  rpat train --preset cifar10_cpu_quick --dataset imagefolder --data-root ~/cifar10-jpeg --print-config
+`--epochs N` on a piecewise schedule rescales its milestones in proportion (100/110, 105/110 of N), and
+says so; set optim.milestones to choose them.
 """
 
 #: The flags that set one config key: (argument, section, key).
@@ -51,7 +58,7 @@ _CHECKPOINTS = {"best": rd.BEST, "final": rd.FINAL}
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="adversarially train a model (PGD-AT, TRADES, MART, Consistency-AT; + RPAT)",
                        description="Train a model. Config = defaults < --preset < --config < flags < overrides.",
-                       epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EXAMPLES_TRAIN, formatter_class=HelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.05")
     p.add_argument("--preset", help="a built-in config (see `rpat list presets`)")
     p.add_argument("--config", help="a YAML config file")
@@ -64,19 +71,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="model name (see `rpat list models`)")
     p.add_argument("--method", help="base method (see `rpat list methods`)")
     p.add_argument("--rpat", action="store_true", help="add the RPAT term (rpat.enabled=true)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="train this many epochs (a piecewise schedule's milestones are "
+                   "rescaled in proportion); with --resume: extend the run to N epochs")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--eval", action="store_true",
                    help="after training, evaluate best.pt and final.pt (Clean/PGD-20/AA/Mean/NRR)")
-    p.add_argument("--n-examples", type=int, default=1000, help="test images for --eval (default 1000)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--n-examples", type=int, default=1000, help="test images for --eval")
+    add_autoattack(p)
+    p.add_argument("--print-config", "--dry-run", dest="print_config", action="store_true",
+                   help="print the resolved config (YAML) and the warnings, then exit without training")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (and, off a terminal, no progress lines inside an epoch)")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[dict]:
     """The config layer the flags make (above --config, below the KEY=VALUE overrides)."""
     flags: list[dict] = []
     for key, section, name in _FLAG_KEYS:
+        if key == "epochs":
+            continue  # applied after the config is built (the milestones are rescaled with it)
         v = getattr(args, key)
         if v is not None:
             flags.append({section: {name: v}})
@@ -99,7 +113,29 @@ def _default_run_dir(cfg: Config) -> Path:
     return Path("runs") / name
 
 
-def _evaluate_run(run_dir: Path, summary: dict, *, n_examples: int, device: str, progress: bool) -> None:
+def _ignored_on_resume(args: argparse.Namespace) -> list[str]:
+    """What ``--resume`` does not use: a resumed run keeps the config it was started with."""
+    given = [f"--{k.replace('_', '-')}" for k in ("preset", "config", "dataset", "data_root", "arch", "method", "seed")
+             if getattr(args, k) is not None]
+    given += [f for f, on in (("--rpat", args.rpat), ("--download", args.download)) if on]
+    return given + list(args.overrides)
+
+
+def _build(args: argparse.Namespace) -> Config:
+    cfg = build_config(args.preset, args.config, [*_flag_overrides(args), *args.overrides])
+    if args.epochs is not None and not args.resume:
+        if any(o.strip().startswith("optim.milestones") for o in args.overrides):
+            cfg = build_config(args.preset, args.config, [*_flag_overrides(args), {"optim": {"epochs": args.epochs}},
+                                                          *args.overrides])
+        else:
+            cfg, note = cfg.with_epochs(args.epochs)
+            if note:
+                print(f"rpat: note: {note}", flush=True)
+    return cfg
+
+
+def _evaluate_run(run_dir: Path, summary: dict, *, n_examples: int, autoattack: str, device: str,
+                  progress: bool) -> None:
     """``--eval``: best.pt and final.pt into eval_best.json / eval_final.json, then one table."""
     rows = []
     for which, checkpoint in _CHECKPOINTS.items():
@@ -110,7 +146,7 @@ def _evaluate_run(run_dir: Path, summary: dict, *, n_examples: int, device: str,
             continue
         extra = {"selected_on": summary["held_out"]} if which == "best" else None
         result = write_report(run_dir / checkpoint, out, say=print, extra=extra, n_examples=n_examples,
-                              device=device, progress=progress)
+                              autoattack=autoattack, device=device, progress=progress)
         rows.append((which, result))
     print(format_table(rows))
     print(f"(best = best.pt, selected on the {summary['held_out']})")
@@ -121,11 +157,21 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else None
     if args.resume and run_dir is None:
         raise InputError("--resume needs --run-dir")
-    cfg = build_config(args.preset, args.config, [*_flag_overrides(args), *args.overrides])
+    cfg = _build(args)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        print(f"# {cfg.describe()}")
+        for w in cfg.warnings():
+            print(f"# warning: {w}")
+        return 0
     if run_dir is None:
         run_dir = _default_run_dir(cfg)
+    if args.resume and _ignored_on_resume(args):
+        print(f"rpat: note: --resume continues {run_dir} with its own config ({run_dir / rd.CONFIG}); ignored: "
+              f"{' '.join(_ignored_on_resume(args))} (--resume --epochs N extends the run)", flush=True)
     progress = not args.no_progress
-    trainer = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=progress,
+                      epochs=args.epochs if args.resume else None)
     if trainer.is_main:
         print(f"rpat {__version__}: {trainer.cfg.describe()} -> {run_dir}", flush=True)
     summary = trainer.fit()
@@ -137,5 +183,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"done: best.pt = epoch {summary['best_epoch']}, held-out PGD {summary['best_held_out_pgd']:.2f} "
           f"(selected on the {summary['held_out']}{hint}); checkpoints in {run_dir}")
     if args.eval:
-        _evaluate_run(run_dir, summary, n_examples=args.n_examples, device=trainer.cfg.device, progress=progress)
+        _evaluate_run(run_dir, summary, n_examples=args.n_examples, autoattack=args.autoattack,
+                      device=trainer.cfg.device, progress=progress)
     return 0

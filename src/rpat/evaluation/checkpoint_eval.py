@@ -149,6 +149,7 @@ def evaluate_checkpoint(
     warn=None,
     normalize: str | None = None,
     aa_state: str | Path | None = None,
+    download: bool = False,
 ) -> tuple[RobustnessReport, dict[str, Any]]:
     """Clean, PGD-20, AutoAttack, Mean and NRR of a checkpoint on ``n_examples`` test images.
 
@@ -179,7 +180,7 @@ def evaluate_checkpoint(
     ds_name = settings["dataset"]
     root = data_root or (stored.data.root if stored else "data")
     spec = get_spec(ds_name)
-    test = load_dataset(ds_name, root, "test")
+    test = load_dataset(ds_name, root, "test", download=download, progress=progress)
     num_classes = len(test.classes)
     model, ckpt = model_from_checkpoint(path, arch=arch, num_classes=num_classes,
                                         in_chans=int(test.images.shape[1]), log=log)
@@ -190,6 +191,9 @@ def evaluate_checkpoint(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(dev)
     n = len(test) if n_examples is None else min(n_examples, len(test))
+    if n_examples is not None and n_examples > len(test):
+        (log or print)(f"note: --n-examples {n_examples} is more than the {len(test)} test images of {ds_name}: "
+                       f"evaluating all {len(test)}")
     sub = evaluation_subset(ds_name, test, n)
     x = sub.images.float().div_(255)
     y = sub.labels

@@ -42,7 +42,10 @@ def write_report(
     Returns the report dict on rank 0, None on the other ranks.
     """
     say = say or (lambda m: None)
-    ctx = distributed.context_from_env()
+    # the process group that is up now (not the launcher's environment: after training under torchrun,
+    # rank 0 evaluates alone once the group is gone)
+    rank, world_size = distributed.world()
+    ctx = distributed.DistContext(rank=rank, world_size=world_size)
     report_path = Path(report_path)
     state = aa_state_path(report_path) if aa_version(kwargs.get("autoattack", True)) != "none" else None
     if force and ctx.is_main:

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from .. import run_dir as rd
 from ..config import build_config, config_from_dict, dump_yaml, load_yaml
 from ..errors import InputError
 from ..training import Trainer
@@ -100,11 +101,11 @@ def run_ablation(manifest: str | Path, *, progress: bool = True, log=print) -> l
     summaries = []
     for r in data["runs"]:
         run_dir = Path(r["run_dir"])
-        if (run_dir / "final.pt").is_file():
+        if (run_dir / rd.FINAL).is_file():
             log(f"{r['name']}: finished, skipped")
             continue
         cfg = config_from_dict(load_yaml(r["config"])).validate()
-        resume = (run_dir / "last.pt").is_file()
+        resume = (run_dir / rd.LAST).is_file()
         log(f"{r['name']}: {cfg.describe()} (λ={r['lam']}, a={r['alpha']})")
         summaries.append(Trainer(cfg, run_dir, resume=resume, progress=progress, log=log).fit())
     return summaries

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import torch
 
+from .. import run_dir as rd
 from ..config import build_config
 from ..evaluation.checkpoint_eval import evaluate_checkpoint
 from ..evaluation.robustness import format_table
@@ -76,7 +77,7 @@ def _one_run(label: str, name: str, use_rpat: bool, out: Path, epochs: int | Non
     t = time.perf_counter()
     Trainer(cfg, out / name, overwrite=True, progress=progress).fit()
     t_train = time.perf_counter() - t
-    report, _ = evaluate_checkpoint(out / name / "final.pt", device="cpu", progress=bars,
+    report, _ = evaluate_checkpoint(out / name / rd.FINAL, device="cpu", progress=bars,
                                     n_examples=n_examples, log=log)
     return {"report": report.to_dict(), "train_s": t_train, "eval_s": time.perf_counter() - t - t_train}
 

@@ -61,7 +61,8 @@ def robust_perception_loss(
     alpha: float = 0.5,
     proxy: str = "logits",
 ) -> torch.Tensor:
-    """The RPAT regularizer R(x, Δ) = MSE(h(x + aΔ), (1 − a)·h(x) + a·h(x + Δ)) (Wang and Liu, ICCV 2025, Sec. 4), differentiable in the model's parameters.
+    """The RPAT regularizer R(x, Δ) = MSE(h(x + aΔ), (1 − a)·h(x) + a·h(x + Δ)) (Wang and Liu, ICCV 2025),
+    differentiable in the model's parameters.
 
     Args:
         model: an ``rpat`` model (inputs in [0, 1]). It is run in train mode

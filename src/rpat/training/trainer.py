@@ -77,6 +77,7 @@ class Trainer:
         progress: bool = True,
         data: RunData | None = None,
         log=print,
+        epochs: int | None = None,
     ):
         if not isinstance(cfg, Config):
             raise InputError(f"cfg must be an rpat Config (see rpat.config.build_config), got {type(cfg).__name__}")
@@ -96,6 +97,8 @@ class Trainer:
         ckpt = load_checkpoint(self.run_dir / rd.LAST) if resuming else None
         if ckpt is not None:
             cfg = config_from_dict(ckpt["config"]).validate()  # a resumed run keeps its own config
+            if epochs is not None and epochs != cfg.optim.epochs:
+                cfg = self._extended(cfg, epochs, int(ckpt["epoch"]))
         self.cfg = cfg
         for w in cfg.warnings():
             self.log(f"rpat: warning: {w}")
@@ -179,6 +182,27 @@ class Trainer:
                 self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}")
         elif self.is_main:
             self._write_run_files()
+
+    def _extended(self, cfg: Config, epochs: int, done: int) -> Config:
+        """``--resume --epochs N``: the run continued to ``N`` epochs (a continuation, not the run it would
+        have been with N from the start): piecewise milestones and every other epoch-numbered setting keep
+        their epochs, so the lr stays at its last value; a cosine schedule is refused (its curve depends on
+        the total and would jump)."""
+        old = cfg.optim.epochs
+        if epochs < old:
+            raise InputError(f"the run has {old} epochs; --resume --epochs {epochs} can only extend it (N > {old})")
+        if cfg.optim.schedule == "cosine":
+            raise InputError(f"cannot extend a cosine schedule ({old} epochs) exactly: its lr curve depends on the "
+                             "total; start a new run with --epochs instead")
+        new = config_from_dict(cfg.to_dict())
+        new.optim.epochs = epochs
+        new.validate()
+        self.log(f"extending {self.run_dir} from {old} to {epochs} epochs ({done} done): a continuation; the "
+                 f"{cfg.optim.schedule} schedule keeps its milestones {cfg.optim.milestones}, so the lr stays at "
+                 "its last value; final.pt is rewritten at the end")
+        if self.is_main:
+            write_text_atomic(self.run_dir / rd.CONFIG, dump_yaml(new))
+        return new
 
     def _graph_step(self) -> GraphTrainStep | None:
         """The captured step of ``speed.cuda_graph`` (None when off; refused under DDP)."""

@@ -5,7 +5,7 @@ ReBAT (Wang et al., NeurIPS 2023) trains with PGD-AT plus, after a warm-up,
     β · KL( p_wa(x_adv) ‖ p(x_adv) )                                   (target "adversarial")
 
 where ``p = softmax(f(·))`` is the online model's prediction and ``p_wa`` the
-weight-averaged (WA) model's (``rpat.training.averaging``), the teacher. RPAT++
+weight-averaged (WA) model's (``rpat.models.averaging``), the teacher. RPAT++
 replaces the teacher's target by the WA model's *robust-perception* prediction:
 with Δ = x_adv − x and the interpolation rate a,
 

@@ -100,7 +100,7 @@ PRESET_DESCRIPTIONS = {
     "cifar10_rpatpp": "RPAT++ (Table 6): cifar10_rebat with the robust-perception teacher target",
     "cifar10_rpatpp_strong": "RPAT++ $: cifar10_rpatpp with eps 10/255, 12 steps after the first lr decay",
     "cifar10_sota": "PGD-AT, CIFAR-10, PreActResNet-18, 200 epochs, lr x0.1 at 100 and 150 (paper Sec. 5.3)",
-    "cifar10_cpu_quick": "a quick real-data CPU run: small CNN, 5,000 CIFAR-10 training images, 5 epochs (~7 min on 2 cores)",
+    "cifar10_cpu_quick": "quick real-data CPU run: small CNN, 5,000 CIFAR-10 train images, 5 epochs, ~7 min/2 cores",
     "digits_demo": "the offline CPU demo: small CNN on 8x8 digits, l-inf 32/255, 10 epochs (rpat demo)",
 }
 

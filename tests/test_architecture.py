@@ -15,7 +15,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rpat"
 #: Optional or heavy third-party packages that may be imported inside a function (only where used).
-LAZY_OK = {"matplotlib", "pyautoattack", "sklearn"}
+LAZY_OK = {"art", "matplotlib", "pyautoattack", "sklearn"}
 
 
 def _modules() -> dict[str, Path]:

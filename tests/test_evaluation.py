@@ -218,7 +218,8 @@ def test_evaluate_robustness_end_to_end() -> None:
 
     d = report.to_dict()
     assert set(d) == {"clean", "pgd", "aa", "mean", "nrr", "n_examples", "threat", "pgd_steps",
-                      "seconds", "extras"}
+                      "seconds", "extras", "cw", "noise", "transfer", "cw_art"}
+    assert d["cw"] is d["noise"] is d["transfer"] is d["cw_art"] is None  # extra evaluations not asked for
     assert RobustnessReport(**d) == report
     table = report.table("tiny")
     assert f"{report.aa:.2f}" in table and f"{report.nrr:.2f}" in table and "tiny" in table

@@ -64,7 +64,7 @@ LOGGER_NAME = "auto-attack"
 #: (AutoAttack's ``custom`` mode); its result is standard AA's after APGD-T.
 VERSIONS: tuple[str, ...] = ("standard", "apgd", "plus", "rand")
 #: The versions ``rpat eval`` / ``train --eval`` / ``sweep`` offer (``--autoattack``), "none" for no AutoAttack.
-EVAL_VERSIONS: tuple[str, ...] = ("standard", "apgd", "none")
+EVAL_VERSIONS: tuple[str, ...] = ("standard", "apgd", "plus", "rand", "none")
 #: How tables label each version's robust accuracy (only "standard" is ever the AA column).
 VERSION_LABELS: dict[str, str] = {"standard": "AA", "apgd": "AA(APGD)", "plus": "AA+", "rand": "AA-rand"}
 

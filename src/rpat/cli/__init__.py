@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
-from . import analyze, info, sweep, train
+from . import analyze, download, info, sweep, train
 from . import eval as evaluate
 
 #: The handler of each verb: it gets the parsed arguments and returns the exit status.
@@ -31,6 +31,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": analyze.run_analyze,
     "ablation": analyze.run_ablation_cmd,
     "report": analyze.run_report,
+    "download": download.run,
 }
 
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     info.add_list_parser(sub)
     analyze.add_parser(sub)  # analyze, ablation, report
+    download.add_parser(sub)
     return parser
 
 

@@ -15,11 +15,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def add_autoattack(p: argparse.ArgumentParser, default: str = "standard") -> None:
-    """``--autoattack {standard,apgd,none}`` (``rpat eval``, ``rpat sweep``)."""
+    """``--autoattack {standard,apgd,plus,rand,none}`` (``rpat eval``, ``rpat sweep``)."""
     p.add_argument("--autoattack", choices=list(EVAL_VERSIONS), default=default,
                    help="standard (default): APGD-CE, APGD-T (9 targets x 100 its), FAB-T, Square (5,000 "
                    "queries), minutes per 1,000 images on a CPU; apgd: APGD-CE + APGD-T only, the cheaper "
-                   "monitoring variant, reported as AA(APGD); none: no AutoAttack")
+                   "monitoring variant, reported as AA(APGD); plus: AutoAttack+ (more attacks and restarts, "
+                   "several times standard's cost), reported as AA+; rand: for randomized defenses (EOT), "
+                   "reported as AA-rand; none: no AutoAttack")
 
 
 def print_per_attack(rows: list[tuple[str, dict]]) -> None:

@@ -1,5 +1,6 @@
-"""Robustness evaluation: clean, PGD-20 and AutoAttack accuracy, Mean and NRR."""
+"""Robustness evaluation: clean, PGD-20 and AutoAttack accuracy, Mean and NRR; CW-20, noise, transfer."""
 
+from .extra import ExtraEvals, run_extra_evals
 from .metrics import mean_score, nrr
 from .robustness import (
     RobustnessReport,
@@ -12,6 +13,7 @@ from .robustness import (
 )
 
 __all__ = [
+    "ExtraEvals",
     "RobustnessReport",
     "accuracy",
     "evaluate_robustness",
@@ -21,4 +23,5 @@ __all__ = [
     "mean_score",
     "nrr",
     "pgd_accuracy",
+    "run_extra_evals",
 ]

@@ -5,6 +5,7 @@ evaluation's settings so that an existing report made with the same ones can be 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,14 @@ from ..checkpoint import (
 )
 from ..config import config_from_dict
 from ..data import evaluation_subset, get_spec, load_dataset
+from ..data.corruptions import check_corruption_folder, corruption_set
 from ..errors import InputError
 from ..models import resolve_model_name
 from ..models.normalization import add_normalization, parse_normalize
 from ..run_dir import read_report
 from ..utils import resolve_device
+from .corruptions import evaluate_corruptions
+from .extra import ExtraEvals, require_art, run_extra_evals
 from .robustness import RobustnessReport, evaluate_robustness
 from .sanity import run_sanity_checks
 
@@ -77,6 +81,8 @@ def eval_settings(
     seed: int = 0,
     normalize: str | None = None,
     batch_size: int = 500,
+    extra_evals: ExtraEvals | None = None,
+    corruptions: str | Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check the arguments and describe the evaluation, without touching the dataset.
 
@@ -87,7 +93,10 @@ def eval_settings(
     evaluations with equal settings give the same numbers, so
     :func:`reusable_report` may reuse one. The batch size is a setting:
     AutoAttack seeds per batch, so another batch size gives another (equally
-    valid) result.
+    valid) result. The extra evaluations (``extra_evals``: CW, noise, transfer, ART's CW) are a
+    setting under ``"extra"`` when any is asked for (a report without them has no such key, so
+    neither is reused for the other); a transfer source is identified by its weights' digest
+    and architecture, checked here (:func:`transfer_source_arch`).
     """
     if n_examples is not None and n_examples < 1:
         raise InputError(f"--n-examples must be >= 1, got {n_examples}")
@@ -114,7 +123,43 @@ def eval_settings(
         "seed": seed, "autoattack": version, "batch_size": batch_size,
         "normalize": {"mean": list(stats[0]), "std": list(stats[1])} if stats else None,
     }
+    if corruptions is not None:  # checked now, before any image is read; part of the settings
+        folder = check_corruption_folder(corruptions, ds_name)
+        settings["corruptions"] = {"folder": str(folder.resolve()), "set": corruption_set(ds_name).name}
+    if extra_evals is not None and extra_evals.any():
+        if extra_evals.cw_art:
+            require_art()
+        extra = extra_evals.settings()
+        if extra_evals.transfer_from is not None:
+            extra["transfer"] = {**checkpoint_identity(extra_evals.transfer_from),
+                                 "arch": transfer_source_arch(extra_evals.transfer_from, extra_evals.transfer_arch,
+                                                              spec.num_classes or None, spec.in_chans)}
+        settings["extra"] = extra
     return raw, settings
+
+
+def transfer_source_arch(path: str | Path, arch: str | None, num_classes: int | None, in_chans: int) -> str:
+    """The architecture of the transfer source ``path``: an rpat checkpoint's own, else ``arch``
+    (checked against the weights) or the one the weights fit. A mismatch with ``arch`` is one InputError
+    line naming both."""
+    if not Path(path).is_file():
+        raise InputError(f"--transfer-from {str(path)!r}: no such file")
+    raw = load_checkpoint(path)
+    wanted = resolve_model_name(arch) if arch is not None else None
+    if is_rpat_checkpoint(raw):
+        found = raw["arch"]
+    else:
+        try:
+            found = plain_state_dict_arch(path, extract_state_dict(raw), num_classes=num_classes,
+                                          in_chans=in_chans)
+        except InputError:
+            if wanted is None:
+                raise
+            found = None
+    if wanted is not None and found != wanted:
+        holds = f"holds a {found}" if found else "fits none of rpat's architectures"
+        raise InputError(f"--transfer-from {str(path)!r} {holds}, not the --transfer-arch {wanted}")
+    return found
 
 
 def reusable_report(report_path: str | Path, settings: dict[str, Any], sanity: bool = False) -> dict[str, Any] | None:
@@ -150,6 +195,8 @@ def evaluate_checkpoint(
     normalize: str | None = None,
     aa_state: str | Path | None = None,
     download: bool = False,
+    extra_evals: ExtraEvals | None = None,
+    corruptions: str | Path | None = None,
 ) -> tuple[RobustnessReport, dict[str, Any]]:
     """Clean, PGD-20, AutoAttack, Mean and NRR of a checkpoint on ``n_examples`` test images.
 
@@ -171,10 +218,16 @@ def evaluate_checkpoint(
     line per failed check, ``log`` one line per check. ``log`` also gets the lines of
     :func:`rpat.checkpoint.model_from_checkpoint` (architecture inferred from the
     weights, unverified weights); without ``log`` they are UserWarnings.
+
+    ``extra_evals``: the extra evaluations (:func:`rpat.evaluation.extra.run_extra_evals`) after
+    AutoAttack; their accuracies go to the report's ``cw``/``noise``/``transfer``/``cw_art``. The
+    transfer source is loaded like the checkpoint (its architecture from ``transfer_arch`` or
+    inferred) but never wrapped by ``normalize``.
     """
     raw, settings = eval_settings(path, arch=arch, dataset=dataset, n_examples=n_examples, autoattack=autoattack,
                                   norm=norm, eps=eps, step_size=step_size, steps=steps, seed=seed,
-                                  normalize=normalize, batch_size=batch_size)
+                                  normalize=normalize, batch_size=batch_size, extra_evals=extra_evals,
+                                  corruptions=corruptions)
     version = settings["autoattack"]
     stored = config_from_dict(raw["config"]) if is_rpat_checkpoint(raw) else None
     ds_name = settings["dataset"]
@@ -200,10 +253,26 @@ def evaluate_checkpoint(
     threat = eval_threat_for(ckpt, norm, eps, step_size, steps)
     report = evaluate_robustness(model, x, y, threat, autoattack=version, batch_size=batch_size,
                                  device=dev, seed=seed, progress=progress, log=log, aa_state=aa_state)
+    if extra_evals is not None and extra_evals.any():
+        t_extra = time.perf_counter()
+        source = None
+        if extra_evals.transfer_from is not None:
+            source, _ = model_from_checkpoint(extra_evals.transfer_from, arch=settings["extra"]["transfer"]["arch"],
+                                              num_classes=num_classes, in_chans=int(test.images.shape[1]), log=log)
+            source.to(dev)
+        values, more = run_extra_evals(model, x, y, threat, extra_evals, source=source, batch_size=batch_size,
+                                       device=dev, seed=seed, progress=progress, log=log)
+        for key, value in values.items():
+            setattr(report, key, value)
+        report.extras.update(more)
+        report.seconds += time.perf_counter() - t_extra  # the whole evaluation's wall time
     info = {"checkpoint": str(path), "arch": ckpt.get("arch", settings["arch"]), "dataset": spec.name,
             "epoch": ckpt.get("epoch"), "n_examples": n, "device": str(dev),
             "torch": torch.__version__, "autoattack": version, "normalize": settings["normalize"],
             "settings": settings}
+    if corruptions is not None:  # accuracy per corruption and severity, corruption_acc, mce (JSON keys)
+        info.update(evaluate_corruptions(model, corruptions, ds_name, n_examples=n_examples, batch_size=batch_size,
+                                         device=dev, progress=progress, log=log))
     per_attack = report.extras.get("aa_per_attack")
     if per_attack is not None:
         info["aa_per_attack"] = per_attack

@@ -37,6 +37,13 @@ from ..utils import progress_enabled
 from .metrics import accuracy_se, format_pm, mean_score, mean_se, nrr
 
 Log = Callable[[str], None]
+#: ``attack(xb, yb, generator) -> xb_adv``: one batch ``(B, C, H, W)`` in [0, 1] to the images to score.
+BatchAttack = Callable[[Tensor, Tensor, "torch.Generator"], Tensor]
+#: ``skip(xb, generator)``: draw (and discard) what ``attack`` would draw for a batch this rank skips.
+SkipDraw = Callable[[Tensor, "torch.Generator"], None]
+
+#: The extra evaluations' report keys, as tables head them (``cw``'s head carries its steps: ``CW-20``).
+EXTRA_COLUMNS: dict[str, str] = {"cw": "CW", "noise": "Noise", "transfer": "Transfer", "cw_art": "CW(ART)"}
 
 #: The AutoAttack versions ``evaluate_robustness`` runs, and how tables label their accuracy.
 AA_LABELS = {v: VERSION_LABELS[v] for v in EVAL_VERSIONS if v != "none"}
@@ -48,7 +55,10 @@ class RobustnessReport:
 
     ``threat`` is the PGD threat's ``describe()`` (AutoAttack uses its norm and
     ε); ``seconds`` the wall time of the whole evaluation; ``extras`` holds
-    per-stage timings, the AutoAttack setup, the device and the seed. With
+    per-stage timings, the AutoAttack setup, the device and the seed. ``cw`` (CW-PGD),
+    ``noise`` (random noise), ``transfer`` (black-box transfer) and ``cw_art`` (ART's CW)
+    are the extra evaluations' accuracies (:mod:`rpat.evaluation.extra`), None when not run
+    (``extras["cw_steps"]`` etc. say how they ran). With
     AutoAttack, ``extras`` has ``aa_version`` (``standard`` or ``apgd``: then
     ``aa`` is the accuracy after APGD-CE + APGD-T only, labeled ``AA(APGD)``),
     ``aa_per_attack`` (``[{"attack", "robust" (%), "n_robust", "seconds"}, ...]``,
@@ -65,6 +75,10 @@ class RobustnessReport:
     pgd_steps: int
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
+    cw: float | None = None
+    noise: float | None = None
+    transfer: float | None = None
+    cw_art: float | None = None
 
     @property
     def aa_label(self) -> str:
@@ -122,8 +136,15 @@ def _count_correct(
     progress: bool = False,
     desc: str = "",
     split: bool = False,
+    attack: BatchAttack | None = None,
+    skip: SkipDraw | None = None,
 ) -> tuple[int, int]:
     """Correct predictions on ``x`` (or on PGD examples when ``threat`` is given), and K.
+
+    ``attack`` replaces PGD: each batch is scored on ``attack(xb, yb, generator)`` (the
+    generator seeded with ``seed``); ``skip`` draws what it would draw for a batch another
+    rank evaluates (default: a uniform start of ``threat``, what PGD draws; nothing without
+    a threat).
 
     Returns ``(n_correct, num_classes)``; one host read at the end. The
     ``progress`` bar counts images (of this rank), so it moves, with a rate and
@@ -137,7 +158,17 @@ def _count_correct(
     _check_data(x, y, batch_size)
     _check_model_device(model, device)
     generator = None
-    if threat is not None:
+    if attack is None and threat is not None:
+        pgd_threat = threat
+
+        def attack(xb: Tensor, yb: Tensor, g: torch.Generator) -> Tensor:
+            return pgd(model, xb, yb, pgd_threat, start="uniform", generator=g)
+    if skip is None and threat is not None:
+        start_threat = threat
+
+        def skip(xb: Tensor, g: torch.Generator) -> None:
+            random_start(xb, start_threat, "uniform", g)
+    if attack is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     rank, n_ranks = world() if split else (0, 1)
@@ -149,14 +180,14 @@ def _count_correct(
                                 disable=not progress or rank != 0, leave=False) as bar:
         for b, i in enumerate(range(0, n, batch_size)):
             if b % n_ranks != rank:
-                if generator is not None:  # keep the generator where one process would have it
-                    random_start(torch.zeros((min(batch_size, n - i), *x.shape[1:]), device=device,
-                                             dtype=x.dtype), threat, "uniform", generator)
+                if generator is not None and skip is not None:  # keep the generator where one process has it
+                    skip(torch.zeros((min(batch_size, n - i), *x.shape[1:]), device=device, dtype=x.dtype),
+                         generator)
                 continue
             xb = x[i : i + batch_size].to(device)
             yb = y[i : i + batch_size].to(device)
-            if threat is not None:
-                xb = pgd(model, xb, yb, threat, start="uniform", generator=generator)
+            if attack is not None:
+                xb = attack(xb, yb, generator)
             with torch.no_grad():
                 logits = model(xb)
             num_classes = int(logits.shape[-1])
@@ -350,7 +381,8 @@ def format_per_attack(report: dict[str, Any] | RobustnessReport) -> str:
 
     ``AutoAttack per attack (robust %, seconds): clean 52.00 | APGD-CE 30.10 (4.0 s) | APGD-T 28.00
     (58.1 s) | FAB-T 28.00 (6.6 min) | Square 28.00 (8.7 min)`` from a report (or its dict);
-    ``AutoAttack (APGD) per attack ...`` for the apgd version; ``""`` without per-attack records.
+    ``AutoAttack (APGD) per attack ...`` for the apgd version (``AutoAttack+``, ``AutoAttack (rand)``
+    for plus and rand); ``""`` without per-attack records.
     """
     d = _as_dict(report)
     records = (d.get("extras") or {}).get("aa_per_attack") or []
@@ -362,7 +394,8 @@ def format_per_attack(report: dict[str, Any] | RobustnessReport) -> str:
         if r["attack"] != "clean":
             cell += f" ({_duration(r['seconds'])})"
         parts.append(cell)
-    name = "AutoAttack (APGD)" if _aa_label(d) == "AA(APGD)" else "AutoAttack"
+    version = (d.get("extras") or {}).get("aa_version", "standard")
+    name = {"apgd": "AutoAttack (APGD)", "plus": "AutoAttack+", "rand": "AutoAttack (rand)"}.get(version, "AutoAttack")
     return f"{name} per attack (robust %, seconds): " + " | ".join(parts)
 
 
@@ -406,7 +439,7 @@ def _standard_errors(d: dict[str, Any]) -> dict[str, float | None]:
     n = d.get("n_examples")
     ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
     se: dict[str, float | None] = {k: (accuracy_se(d[k], n) if ok and d.get(k) is not None else None)
-                                   for k in ("clean", "pgd", "aa")}
+                                   for k in ("clean", "pgd", "aa", *EXTRA_COLUMNS)}
     c, a = se["clean"], se["aa"]
     se["mean"] = mean_se(c, a) if c is not None and a is not None and d.get("mean") is not None else None
     se["nrr"] = None
@@ -419,11 +452,20 @@ def _aa_groups(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     return [v for v in AA_LABELS if v in present] or ["standard"]
 
 
+def _extra_head(key: str, rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """An extra evaluation's column head; CW's carries its steps (``CW-20``) when all rows agree."""
+    if key != "cw":
+        return EXTRA_COLUMNS[key]
+    steps = {(d.get("extras") or {}).get("cw_steps") for _, d in rows if d.get("cw") is not None}
+    return f"CW-{steps.pop()}" if len(steps) == 1 and None not in steps else "CW"
+
+
 def _render(rows: Sequence[tuple[str, dict[str, Any]]], with_name: bool = True) -> str:
     steps = {d.get("pgd_steps") for _, d in rows}
     pgd_head = f"PGD-{steps.pop()}" if len(steps) == 1 and None not in steps else "PGD"
     groups = _aa_groups(rows)
-    header = (["model"] if with_name else []) + ["Clean", pgd_head]
+    extra = [k for k in EXTRA_COLUMNS if any(d.get(k) is not None for _, d in rows)]
+    header = (["model"] if with_name else []) + ["Clean", pgd_head] + [_extra_head(k, rows) for k in extra]
     for v in groups:  # standard and apgd values never share a column
         header += ["AA", "Mean", "NRR"] if v == "standard" else [AA_LABELS[v], f"Mean({v.upper()})",
                                                                  f"NRR({v.upper()})"]
@@ -431,7 +473,7 @@ def _render(rows: Sequence[tuple[str, dict[str, Any]]], with_name: bool = True) 
     for name, d in rows:
         version = (d.get("extras") or {}).get("aa_version", "standard")
         se = _standard_errors(d)
-        cells = ([str(name)] if with_name else []) + [_cell(d.get(k), se[k]) for k in ("clean", "pgd")]
+        cells = ([str(name)] if with_name else []) + [_cell(d.get(k), se[k]) for k in ("clean", "pgd", *extra)]
         for v in groups:
             cells += [_cell(d.get(k), se[k]) if v == version else _cell(None) for k in ("aa", "mean", "nrr")]
         body.append(cells)
@@ -458,8 +500,10 @@ def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     shown without ``±``, and so is every value of a report that does not give ``n_examples``.
     ``rows`` are ``(name, report.to_dict())`` pairs (a ``RobustnessReport`` is
     accepted in place of its dict); missing values print as ``-``. Reports of
-    the apgd version go to ``AA(APGD) | Mean(APGD) | NRR(APGD)`` columns; a
-    table with both versions has both groups of columns.
+    the apgd version go to ``AA(APGD) | Mean(APGD) | NRR(APGD)`` columns (plus: ``AA+``,
+    rand: ``AA-rand``); a table with several versions has each one's group of columns.
+    The extra evaluations (``CW-20``, ``Noise``, ``Transfer``, ``CW(ART)``, with ± SE) get a
+    column after PGD only when some row has them.
     """
     dicts = [(name, _as_dict(d)) for name, d in rows]
     return _render(dicts, with_name=True)

@@ -38,6 +38,16 @@ check prints one warning line. The checks:
     image of 100 is already 1%), the rate floor keeps a large evaluation's
     handful (10 of 10,000 is 0.1%) from failing it. Needs the evaluation's
     per-attack record (standard AutoAttack); skipped otherwise.
+``cw_vs_pgd``
+    CW-PGD (``--cw``) is not above PGD-20 on the same images beyond noise,
+    ``2·√(SE_CW² + SE_PGD²)`` (:func:`rpat.evaluation.metrics.accuracy_se` on the
+    evaluated images): PGD on the margin loss scoring clearly higher than PGD on
+    the cross-entropy suggests the cross-entropy's gradients mislead (masking).
+    Skipped without a CW evaluation. Free: it reads the report's numbers.
+``transfer_vs_whitebox``
+    Transfer from another model (``--transfer-from``) is not *below* white-box
+    PGD beyond the same noise: a black-box attack beating the white-box one is
+    a classic sign of gradient masking. Skipped without a transfer evaluation.
 
 When the evaluation's PGD accuracy is already at most 1%, ``large_eps`` and
 ``more_steps`` cannot inform (the gradient attack works) and are skipped, which
@@ -59,12 +69,13 @@ from torch import Tensor, nn
 from ..attacks.pgd import eval_mode, pgd
 from ..attacks.threat import ThreatModel, format_budget
 from ..errors import InputError
+from .metrics import accuracy_se
 from .robustness import masking_drop
 
 Log = Callable[[str], None]
 
 SANITY_CHECKS = ("eval_mode", "deterministic", "eps0_equals_clean", "ordering", "large_eps", "more_steps",
-                 "late_attacks")
+                 "late_attacks", "cw_vs_pgd", "transfer_vs_whitebox")
 #: PGD accuracy (percent) at or below which ``large_eps`` and ``more_steps`` are skipped.
 SKIP_BELOW_PGD = 1.0
 #: ``late_attacks`` fails only when FAB-T/Square break at least this many images APGD missed...
@@ -128,6 +139,43 @@ def late_attacks_check(report: dict[str, Any] | None) -> dict[str, Any]:
             "detail": f"warning: {what}; within noise (gradient masking is flagged from {rule})"}
 
 
+def _beyond_noise(report: dict[str, Any], higher: str, lower: str) -> tuple[float, float]:
+    """``(report[higher] - report[lower], 2·√(SE_higher² + SE_lower²))`` in points on ``n_examples`` images."""
+    n = int(report.get("n_examples") or 0)
+    a, b = float(report[higher]), float(report[lower])
+    noise = 2.0 * math.hypot(accuracy_se(a, n), accuracy_se(b, n)) if n > 0 else 0.0
+    return a - b, noise
+
+
+def cw_vs_pgd_check(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``cw_vs_pgd`` verdict: CW-PGD accuracy (``cw``) not above PGD (``pgd``) beyond
+    ``2·√(SE_CW² + SE_PGD²)`` points; ``{"passed", "detail", "gap", "noise"}``, skipped without ``cw``."""
+    if not report or report.get("cw") is None or report.get("pgd") is None:
+        return {"passed": True, "skipped": True, "detail": "skipped: no CW evaluation (--cw)"}
+    gap, noise = _beyond_noise(report, "cw", "pgd")
+    steps = (report.get("extras") or {}).get("cw_steps")
+    cw, pgd_head = f"CW-{steps}" if steps else "CW", f"PGD-{report.get('pgd_steps') or ''}".rstrip("-")
+    detail = (f"{cw} {report['cw']:.2f}% vs {pgd_head} {report['pgd']:.2f}% (may exceed it by at most "
+              f"{noise:.2f} points, 2 standard errors)")
+    if gap > noise:
+        detail += (": PGD on the cross-entropy is clearly weaker than on the CW margin, a possible sign of "
+                   "gradient masking")
+    return {"passed": gap <= noise, "gap": gap, "noise": noise, "detail": detail}
+
+
+def transfer_vs_whitebox_check(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``transfer_vs_whitebox`` verdict: transfer accuracy (``transfer``) not below white-box PGD
+    (``pgd``) beyond ``2·√(SE² + SE²)`` points; ``{"passed", "detail", "gap", "noise"}``, skipped without it."""
+    if not report or report.get("transfer") is None or report.get("pgd") is None:
+        return {"passed": True, "skipped": True, "detail": "skipped: no transfer evaluation (--transfer-from)"}
+    gap, noise = _beyond_noise(report, "pgd", "transfer")
+    detail = (f"transfer {report['transfer']:.2f}% vs white-box PGD {report['pgd']:.2f}% (may be below it by at "
+              f"most {noise:.2f} points, 2 standard errors)")
+    if gap > noise:
+        detail += ": a black-box attack beats the white-box one, a possible sign of gradient masking"
+    return {"passed": gap <= noise, "gap": gap, "noise": noise, "detail": detail}
+
+
 def run_sanity_checks(
     model: nn.Module,
     x: Tensor,
@@ -149,8 +197,9 @@ def run_sanity_checks(
         x, y: the evaluated images and labels (``(N,)``), usually on the CPU.
         threat: the PGD threat of the evaluation (norm, ε, step size, steps).
         report: the evaluation's numbers (``clean``, ``pgd``, ``aa`` in percent, ``n_examples``,
-            ``extras.aa_per_attack``), e.g. ``RobustnessReport.to_dict()``; without it the
-            ordering uses the subset's clean and PGD accuracy and ``late_attacks`` is skipped.
+            ``extras.aa_per_attack``, ``cw``, ``transfer``), e.g. ``RobustnessReport.to_dict()``; without
+            it the ordering uses the subset's clean and PGD accuracy and ``late_attacks``, ``cw_vs_pgd``
+            and ``transfer_vs_whitebox`` are skipped.
         n_examples: subset size (the first images).
         warn: called with one line per failed check, and one per check that passed with a
             warning (``late_attacks`` below its threshold).
@@ -261,6 +310,8 @@ def run_sanity_checks(
             })
 
         done("late_attacks", late_attacks_check(report))
+        done("cw_vs_pgd", cw_vs_pgd_check(report))
+        done("transfer_vs_whitebox", transfer_vs_whitebox_check(report))
 
     failed = [k for k, v in checks.items() if not v["passed"]]
     skipped = [k for k, v in checks.items() if v.get("skipped")]

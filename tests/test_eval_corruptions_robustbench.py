@@ -1,4 +1,5 @@
-"""`rpat eval --corruptions DIR` and `rpat eval --robustbench NAME`, end to end on small files in the official layouts."""
+"""`rpat eval --corruptions DIR` and `rpat eval --robustbench NAME`, end to end on small files in the
+official layouts."""
 
 from __future__ import annotations
 

@@ -20,8 +20,10 @@ from ..evaluation.robustness import format_table
 from ..evaluation.sanity import summarize
 from ..run_dir import report_path_for
 from ..utils import progress_enabled, resolve_device
-from . import robustbench
 from .common import HelpFormatter, add_autoattack, print_per_attack
+from .robustbench import add_arguments as add_robustbench_arguments
+from .robustbench import apply_protocol as apply_robustbench_protocol
+from .robustbench import write_entry as write_robustbench_entry
 
 EXAMPLES_EVAL = """\
 examples:
@@ -134,7 +136,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="split the test images over N processes by batch (torch.distributed.run, gloo on the "
                    "CPU, cores/N threads each); same numbers as one process; needs >= N batches")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per phase)")
-    robustbench.add_arguments(p)
+    add_robustbench_arguments(p)
 
 
 def expand_checkpoints(patterns: list[str]) -> list[str]:
@@ -205,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if args.robustbench:  # the protocol sets what the user left unset (images, batch size, eps)
         _, first = eval_settings(ckpts[0], arch=args.arch, dataset=args.dataset, norm=args.norm, eps=args.eps,
                                  autoattack=args.autoattack)
-        robustbench.apply_protocol(args, first["dataset"], first["threat"]["norm"])
+        apply_robustbench_protocol(args, first["dataset"], first["threat"]["norm"])
     if args.batch_size is None:
         args.batch_size = 500
     plans = []
@@ -252,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{rep['corruption_acc']:.2f}, mCE {rep['mce']:.2f} ({len(rep['corruptions'])} corruptions x 5 "
                       f"severities, {rep['corruption_images']} images each)")
         if args.robustbench and rows:
-            robustbench.write_entry(args, rows[0][1], say)
+            write_robustbench_entry(args, rows[0][1], say)
     return 0
 
 

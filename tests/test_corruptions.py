@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import shutil
+import sys
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,9 @@ from rpat.data import (
 )
 from rpat.errors import InputError
 from rpat.evaluation.corruptions import evaluate_corruptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_data import _Server  # noqa: E402  (the loopback server of the CIFAR download tests)
 
 PER = 4  # images per severity (10,000 in the release)
 
@@ -299,36 +301,6 @@ def test_evaluate_tiny_imagenet_c(tmp_path):
 # downloads
 
 
-class _Server:
-    """A loopback HTTP server: path -> body."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, bytes] = {}
-        routes = self.routes
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = routes.get(self.path)
-                self.send_response(200 if body is not None else 404)
-                body = b"not found" if body is None else body
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
 @pytest.fixture()
 def server() -> Iterator[_Server]:
     s = _Server()
@@ -369,7 +341,7 @@ def test_download_cifar10_c_from_mirror_then_read(tmp_path, monkeypatch, capsys)
 def test_download_cifar100_c_http_fills_a_partial_folder(tmp_path, server, monkeypatch):
     make_cifar_c(tmp_path / "src" / "CIFAR-100-C", n_classes=100)
     tar = _tar_of(tmp_path / "src" / "CIFAR-100-C", tmp_path / "CIFAR-100-C.tar", "CIFAR-100-C")
-    server.routes["/records/CIFAR-100-C.tar"] = tar.read_bytes()
+    server.routes["/records/CIFAR-100-C.tar"] = (200, tar.read_bytes(), None)
     monkeypatch.setitem(cmod.CORRUPTION_SETS, "cifar100-c", dataclasses.replace(
         cmod.CORRUPTION_SETS["cifar100-c"], url=f"{server.base}/records/CIFAR-100-C.tar", md5=_md5(tar)))
     root = tmp_path / "data"
@@ -385,7 +357,7 @@ def test_download_cifar100_c_http_fills_a_partial_folder(tmp_path, server, monke
 def test_download_wrong_checksum_leaves_nothing(tmp_path, server, monkeypatch, capsys):
     make_cifar_c(tmp_path / "src" / "CIFAR-10-C", ["fog"])
     tar = _tar_of(tmp_path / "src" / "CIFAR-10-C", tmp_path / "CIFAR-10-C.tar", "CIFAR-10-C")
-    server.routes["/CIFAR-10-C.tar"] = tar.read_bytes()
+    server.routes["/CIFAR-10-C.tar"] = (200, tar.read_bytes(), None)
     monkeypatch.setenv("RPAT_MIRROR", server.base)  # the official md5 does not match the small tar
     root = tmp_path / "data"
     assert main(["download", "cifar10-c", "--root", str(root), "--no-progress"]) == 2

@@ -14,7 +14,10 @@ One step = PGD-10 attack (ℓ∞ 8/255, step 2/255) + PGD-AT loss (+ RPAT by def
   such as ``rpat+cl+bf16+graph``): the project's step with channels_last memory
   format, bf16 autocast (fp32 master weights), ``torch.compile`` on the model, or
   the whole step captured once as a CUDA graph and replayed (``speed.cuda_graph``,
-  ``rpat.training.cuda_graph``; on the CPU the eager stand-in runs the same step).
+  ``rpat.training.cuda_graph``; on the CPU the eager stand-in runs the same step);
+- ``rpat+awp`` (and e.g. ``rpat+bf16+awp``): the project's step with adversarial weight
+  perturbation (``awp.enabled``, ``rpat.training.awp``; γ = 0.01, the proxy ascending the base
+  loss): one more forward + backward on a proxy copy of the model per step.
 
 Repetitions are interleaved (each repetition runs every variant once, in a
 rotating order) so that load from other jobs on a shared machine hits all
@@ -78,10 +81,11 @@ from rpat.errors import InputError  # noqa: E402
 from rpat.models import create_model  # noqa: E402
 from rpat.objectives import RPATTerm, build_objective  # noqa: E402
 from rpat.training import TrainStep  # noqa: E402
+from rpat.training.awp import WeightPerturbation  # noqa: E402
 from rpat.training.cuda_graph import GraphTrainStep  # noqa: E402
 from rpat.utils import resolve_device  # noqa: E402
 
-OPTIONS = ("cl", "bf16", "compile", "graph")
+OPTIONS = ("cl", "bf16", "compile", "graph", "awp")
 
 #: Dense peak TFLOP/s of known GPUs, by a substring of the device name: (bf16, tf32).
 #: fp32 convolutions use TF32 tensor cores by default in PyTorch (cudnn.allow_tf32).
@@ -127,6 +131,8 @@ def parse_variant(name: str) -> tuple[str, frozenset[str]]:
         raise InputError(f"unknown variant {name!r}; options (rpat only): {', '.join(OPTIONS)}")
     if {"graph", "compile"} <= set(opts):
         raise InputError(f"variant {name!r}: graph and compile exclude each other")
+    if {"graph", "awp"} <= set(opts):
+        raise InputError(f"variant {name!r}: awp does not run under the captured step (speed.cuda_graph)")
     return base, frozenset(opts)
 
 
@@ -181,7 +187,9 @@ def make_step(problem: Problem, variant: str) -> Callable[[], object]:
           "device": dev, "nonfinite": "stop", "amp": "bf16" in opts, "channels_last": "cl" in opts}
     if "graph" in opts:
         return _graph_step(GraphTrainStep(**kw, capture=dev.type == "cuda"), x, y, problem.seed + 2)
-    ts = TrainStep(**kw)  # the trainer's step (guard, loss sums and all)
+    # awp: AT-AWP's gamma 0.01, proxy lr 0.01, the proxy ascending the base loss (rpat.training.awp)
+    awp = WeightPerturbation(model, objective, gamma=0.01, proxy_lr=0.01) if "awp" in opts else None
+    ts = TrainStep(**kw, awp=awp)  # the trainer's step (guard, loss sums and all)
     ts.start_epoch(0, problem.seed + 2)
 
     def step() -> torch.Tensor:
@@ -352,10 +360,11 @@ def run_benchmark(
                                            / statistics.median(cpu_times[v]),
                                            **{f"paired_{k}": x for k, x in _stats(paired).items()}}
         if flops:
-            base, opts = parse_variant(v)  # options change no FLOP: each base is counted once, eagerly
-            if base not in flop_counts:
-                flop_counts[base] = count_flops(make_step(problem, base))
-            fl = flop_counts[base]
+            base, opts = parse_variant(v)  # options but awp change no FLOP: counted once per base (+awp), eagerly
+            counted = base + ("+awp" if "awp" in opts else "")
+            if counted not in flop_counts:
+                flop_counts[counted] = count_flops(make_step(problem, counted))
+            fl = flop_counts[counted]
             row["gflop_per_step"] = fl / 1e9
             row["achieved_tflops"] = fl / s["median"] / 1e12
             if peak_tflops_pair:
@@ -390,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rpat", action="store_true", help="plain PGD-AT (default: PGD-AT + RPAT)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--variants", default="rpat,reference",
-                   help="comma-separated: rpat, reference, rpat+cl, rpat+bf16, rpat+compile, rpat+graph, ... "
+                   help="comma-separated: rpat, reference, rpat+cl, rpat+bf16, rpat+compile, rpat+graph, rpat+awp, ... "
                         "(default rpat,reference)")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
     p.add_argument("--steps-per-rep", type=int, default=1, help="timed steps per variant per repetition")

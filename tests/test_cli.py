@@ -39,7 +39,8 @@ def test_console_script_help_and_list():
     out = subprocess.run([sys.executable, "-m", "rpat", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout
     out = subprocess.run([sys.executable, "-m", "rpat", "list", "models"], capture_output=True, text=True)
-    assert out.stdout.split() == ["preact_resnet18", "resnet18", "small_cnn", "wrn28_10", "wrn34_10"]
+    assert out.stdout.split() == ["dm_preact_resnet18_swish", "dm_wrn28_10_swish", "dm_wrn70_16_swish", "mobilenetv2",
+                                  "preact_resnet18", "resnet18", "small_cnn", "vgg16", "wrn28_10", "wrn34_10"]
     out = subprocess.run([sys.executable, "-m", "rpat", "train", "--dataset", "nope"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -47,7 +47,7 @@ def test_round_trip_through_dict():
     "override, message",
     [
         ("data.dataset=imagenet", "unknown dataset 'imagenet'; valid: cifar10"),
-        ("model.arch=vgg16", "unknown model 'vgg16'; valid:"),
+        ("model.arch=vgg19", "unknown model 'vgg19'; valid:"),
         ("method.name=fgsm", "unknown method 'fgsm'; valid:"),
         ("attack.eps=8", "did you mean 8/255"),
         ("attack.eps=abc", "must be a number such as 8/255"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import shutil
 import sys
 import tarfile
@@ -273,6 +274,46 @@ def test_evaluate_corruptions_controlled_accuracies(tmp_path):
     assert rep["corruption_acc"] == pytest.approx(70.0) and rep["mce"] == pytest.approx(30.0)
     with pytest.raises(InputError, match="lacks 13 of the 15 corruption files"):
         evaluate_corruptions(PixelModel(), folder, "cifar10")  # checked before evaluating anything
+
+
+def test_a_stopped_corruption_evaluation_recomputes_only_the_unfinished_corruption(tmp_path):
+    """Stopped inside the 3rd corruption, the rerun with the same stages file evaluates corruptions 3..15
+    only, and the report equals the uninterrupted one (seconds aside)."""
+    from rpat.evaluation.stages import Stages
+
+    make_cifar_c(tmp_path / "CIFAR-10-C", per=4, seed=1)
+    whole = evaluate_corruptions(PixelModel(), tmp_path, "cifar10", batch_size=4)
+    path, settings = tmp_path / "r.stages.json", {"corruptions": "same"}
+
+    class Stops(PixelModel):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            Stops.calls += 1
+            if Stops.calls > 2 * 5:  # each corruption: 5 severities, one batch each
+                raise KeyboardInterrupt
+            return super().forward(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_corruptions(Stops(), tmp_path, "cifar10", batch_size=4, stages=Stages(path, settings))
+    done = json.loads(path.read_text())["stages"]
+    assert sorted(done) == sorted(f"corruption:{c}" for c in CORRUPTIONS[:2])
+
+    class Counts(PixelModel):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            Counts.calls += 1
+            return super().forward(x)
+
+    stages = Stages(path, settings)
+    again = evaluate_corruptions(Counts(), tmp_path, "cifar10", batch_size=4, stages=stages)
+    assert Counts.calls == 13 * 5 and stages.resumed == [f"corruption:{c}" for c in CORRUPTIONS[:2]]
+    for key in ("corruptions", "corruption_acc", "mce", "corruption_images"):
+        assert again[key] == whole[key], key
+    # other settings: the file is not used
+    fresh = Stages(path, {"corruptions": "other"})
+    assert fresh.discarded and fresh.get("corruption:" + CORRUPTIONS[0]) is None
 
 
 class ConstantModel(nn.Module):

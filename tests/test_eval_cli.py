@@ -152,7 +152,7 @@ def test_autoattack_state_is_passed_announced_and_removed(tmp_path, monkeypatch,
     seen = {}
 
     def fake(model, x, y, threat, *, autoattack=True, batch_size=500, device="cpu", seed=0, progress=True,
-             log=None, aa_state=None):
+             log=None, aa_state=None, stages=None):
         seen.update(autoattack=autoattack, aa_state=aa_state)
         # 60 images: Square breaks 3 (5%) that APGD missed, beyond the late_attacks noise threshold
         per = [{"attack": "clean", "robust": 50.0, "n_robust": 30, "seconds": 0.0},
@@ -350,7 +350,9 @@ def test_jobs_2_gives_the_numbers_of_one_process(tmp_path, capsys):
     path = tmp_path / "m.pt"
     _save_plain(path)
     aa = "apgd" if ENGINE else "none"
-    args = [str(path), *[a if a != "none" else aa for a in FAST], "--batch-size", "8", "--device", "cpu"]
+    # the extra evaluations split like PGD: CW-3, uniform noise and transfer (from the model itself)
+    args = [str(path), *[a if a != "none" else aa for a in FAST], "--batch-size", "8", "--device", "cpu",
+            "--cw", "--cw-steps", "3", "--noise", "--transfer-from", str(path)]
     p = subprocess.run([sys.executable, "-m", "rpat", "eval", *args, "--jobs", "2", "--out", str(tmp_path / "j2.json")],
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -364,8 +366,9 @@ def test_jobs_2_gives_the_numbers_of_one_process(tmp_path, capsys):
         torch.set_num_threads(threads)
     capsys.readouterr()
     one, two = (json.loads((tmp_path / f"j{j}.json").read_text()) for j in (1, 2))
-    for key in ("clean", "pgd", "aa", "n_examples"):
+    for key in ("clean", "pgd", "aa", "n_examples", "cw", "noise", "transfer"):
         assert one[key] == two[key], key
+    assert two["transfer"] == two["pgd"]  # transfer from the model itself is its white-box PGD
     if ENGINE:
         assert two["aa"] is not None and two["extras"]["aa_version"] == "apgd" and two["extras"]["processes"] == 2
         assert [r["n_robust"] for r in one["aa_per_attack"]] == [r["n_robust"] for r in two["aa_per_attack"]]
@@ -420,7 +423,7 @@ def test_a_stale_state_is_discarded_for_sweeps_and_train_eval(tmp_path, monkeypa
     (tmp_path / f"{state.name}.1.pt").write_bytes(b"x")
     seen: list = []
 
-    def fake(path, *, aa_state=None, **kw):
+    def fake(path, *, aa_state=None, stage_state=None, **kw):
         seen.append(aa_state)
         if aa_state is not None and Path(aa_state).exists():
             raise InputError(f"the AutoAttack state {aa_state} was {er.STALE_STATE} (differs in: seed)")

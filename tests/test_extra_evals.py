@@ -295,3 +295,52 @@ def test_transfer_arch_mismatch_is_one_line(tmp_path, capsys):
     assert "holds a small_cnn, not the --transfer-arch resnet18" in err
     code = main(["eval", str(target), *FAST, "--noise-sigma", "8/255"])
     assert code == 2 and "--noise-sigma is for --noise" in capsys.readouterr().err
+
+
+def test_an_eval_stopped_inside_an_extra_evaluation_recomputes_only_that_one(tmp_path, monkeypatch, capsys):
+    """Stopped during the noise evaluation (after Clean + PGD and CW finished), the same command takes
+    Clean, PGD and CW from ``<report>.stages.json``, runs only noise and transfer, and gives the
+    uninterrupted numbers; the stages file is gone once the report is written."""
+    pytest.importorskip("sklearn")
+    import rpat.evaluation.extra as ex
+    import rpat.evaluation.robustness as rb
+    from rpat.run_dir import stages_path
+
+    torch.manual_seed(0)
+    target, source = tmp_path / "target.pt", tmp_path / "source.pt"
+    torch.save(create_model("small_cnn", num_classes=10, in_chans=1).state_dict(), target)
+    torch.manual_seed(1)
+    torch.save(create_model("small_cnn", num_classes=10, in_chans=1).state_dict(), source)
+    extra = ["--cw", "--cw-steps", "3", "--noise", "--transfer-from", str(source)]
+    whole = tmp_path / "whole.json"
+    assert main(["eval", str(target), *FAST, *extra, "--out", str(whole)]) == 0
+    out = tmp_path / "r.json"
+    runs: list[str] = []
+    real_cw, real_noise, real_count = ex.cw_pgd, ex.uniform_noise, rb._count_correct
+    monkeypatch.setattr(ex, "cw_pgd", lambda *a, **k: runs.append("cw") or real_cw(*a, **k))
+    counting = lambda *a, **k: runs.append(k.get("desc")) or real_count(*a, **k)  # noqa: E731
+    monkeypatch.setattr(rb, "_count_correct", counting)
+    monkeypatch.setattr(ex, "_count_correct", counting)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "uniform_noise", stopped)
+    assert main(["eval", str(target), *FAST, *extra, "--out", str(out)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not out.exists() and "cw" in runs and "clean" in runs
+    saved = json.loads(stages_path(out).read_text())
+    assert sorted(saved["stages"]) == ["clean_pgd", "cw"]
+    runs.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(ex, "uniform_noise", real_noise)
+    assert main(["eval", str(target), *FAST, *extra, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cw" not in runs and "clean" not in runs and "PGD-3" not in runs
+    assert runs.count("noise") == 1 and runs.count("transfer") == 1
+    assert "finished stages of an interrupted run reused: clean_pgd, cw" in printed
+    assert not stages_path(out).exists()
+    a, b = (json.loads(p.read_text()) for p in (whole, out))
+    for key in ("clean", "pgd", "cw", "noise", "transfer"):
+        assert a[key] == b[key], key
+    assert b["extras"]["stages_resumed"] == ["clean_pgd", "cw"]

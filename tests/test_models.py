@@ -15,7 +15,8 @@ from rpat.errors import InputError
 from rpat.models import PROXIES, ImageClassifier, create_model, infer_arch, list_models, load_weights
 from rpat.models.wide_resnet import WideResNet
 
-CANONICAL = ["preact_resnet18", "resnet18", "small_cnn", "wrn28_10", "wrn34_10"]
+CANONICAL = ["dm_preact_resnet18_swish", "dm_wrn28_10_swish", "dm_wrn70_16_swish", "mobilenetv2", "preact_resnet18",
+             "resnet18", "small_cnn", "vgg16", "wrn28_10", "wrn34_10"]
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -61,8 +62,8 @@ def test_aliases_resolve_to_canonical_names(alias, canonical):
 
 def test_unknown_model_lists_valid_names_on_one_line():
     with pytest.raises(InputError) as err:
-        create_model("vgg16")
-    assert str(err.value) == "unknown model 'vgg16'; valid: preact_resnet18, resnet18, small_cnn, wrn28_10, wrn34_10"
+        create_model("vgg19")
+    assert str(err.value) == "unknown model 'vgg19'; valid: " + ", ".join(CANONICAL)
 
 
 def test_bad_arguments_are_input_errors():

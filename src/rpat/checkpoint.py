@@ -37,6 +37,7 @@ import torch
 
 from .errors import InputError
 from .models import create_model, infer_arch, load_weights
+from .models.safetensors_io import checkpoint_fields, is_safetensors_path, read_safetensors
 from .utils import atomic_write
 
 FORMAT = "rpat-checkpoint"
@@ -182,6 +183,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     never its advice to load unsafely).
     """
     p = Path(path)
+    if is_safetensors_path(p):
+        return _load_safetensors(p)
     if not p.is_file():
         raise InputError(f"checkpoint {str(p)!r} not found")
     try:
@@ -200,6 +203,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"({FORMAT_VERSION}); upgrade rpat"
             )
         _verify_digests(obj, p)
+    return obj
+
+
+def _load_safetensors(p: Path) -> dict[str, Any]:
+    """A ``.safetensors`` file as a checkpoint dict: one that ``rpat export`` wrote is an rpat checkpoint (arch,
+    sizes and config from its header; its model digest checked), any other a plain state_dict."""
+    tensors, metadata = read_safetensors(p)
+    fields = checkpoint_fields(tensors, metadata, p)
+    if fields is None:
+        return tensors
+    digest = fields.pop("digest")
+    obj = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields}
+    if digest is not None:
+        obj[MODEL_DIGEST_KEY] = digest
+    _verify_digests(obj, p)
     return obj
 
 

@@ -11,19 +11,25 @@ as ``8/255``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .attacks.ramp import ramped_threat
 from .attacks.threat import NORMS, ThreatModel, default_threat, format_budget, parse_budget
 from .data import DATASETS
+from .data.cutmix import soft_label_refusal
+from .data.extra import check_extra_config
 from .errors import InputError
 from .models import create_model, list_models, resolve_model_name
-from .models.averaging import check_averaging
-from .objectives import Objective, RPATTerm, TeacherTerm, build_objective, list_methods, method_label
-from .presets import preset_dict
+from .models.averaging import BN_MODES, check_averaging
+from .objectives import BaseMethod, Objective, RPATTerm, TeacherTerm, build_objective, list_methods, method_label
+from .objectives.losses import check_smoothing
+from .objectives.registry import method_class
+from .presets import check_preset_requirements, preset_dict
 
 
 @dataclass
@@ -38,6 +44,20 @@ class DataConfig:
     #: eval.n_examples test images); the split is fixed by ``val_seed`` and never overlaps training
     val_size: int | None = None
     val_seed: int = 0
+    #: extra (generated) training images: an .npz with 'image' (uint8 N x H x W x C) and 'label' (N ints), or
+    #: a directory of NAME_image.npy / NAME_label.npy shards; memory-mapped, never read whole (docs/extra_data.md)
+    extra: str | None = None
+    #: share of each batch drawn from data.extra (round(f·B) rows); an epoch stays as many batches as the
+    #: real set needs at data.batch_size (ceil(N_real / B)), as in the published generated-data recipes
+    extra_fraction: float = 0.7
+    #: label smoothing of the extra rows only, in [0, 1) (the real rows keep method.label_smoothing)
+    extra_label_smoothing: float = 0.0
+    #: AutoAugment's CIFAR-10 policy after crop/flip, batched on the device (docs/augmentation.md)
+    autoaugment: bool = False
+    autoaugment_start_epoch: int = 0  #: first 0-based epoch with AutoAugment on (the release's autoaug_sche)
+    #: side (px) of the Cutout box after AutoAugment (None: half the image side, the release's autoaug; 0: no Cutout)
+    autoaugment_cutout: int | None = None
+    cutmix: bool = False  #: CutMix (box area ~ Beta(1, 1)); labels become (B, K) probabilities mixed by area
 
 
 @dataclass
@@ -64,6 +84,9 @@ class AttackConfig:
     strong_eps: str | float = "10/255"
     strong_step_size: str | float | None = None  #: default: the step size above
     strong_steps: int = 12
+    #: ε and the step size grow linearly to their targets over the first N epochs (0: off), constant
+    #: within an epoch: (e + 1)/N of the target in 0-based epoch e (rpat.attacks.ramp)
+    eps_ramp_epochs: int = 0
 
 
 @dataclass
@@ -72,6 +95,11 @@ class MethodConfig:
     #: MART only: the paper's exact log(1 − p) and (1 − p_true) instead of the official code's constants
     #: log(1.0001 − p + 1e-12) and (1.0000001 − p_true) (rpat.objectives.mart)
     mart_exact: bool = False
+    #: label smoothing s in [0, 1) of every cross-entropy term of the training loss (not the attacks, not
+    #: evaluation): target (1 − s)·onehot + s/K (rpat.objectives.losses)
+    label_smoothing: float = 0.0
+    #: TRADES only: β, the weight of the KL term (None: TRADES' published 6.0; the generated-data recipe uses 5)
+    trades_beta: float | None = None
 
 
 @dataclass
@@ -90,6 +118,10 @@ class AveragingConfig:
     enabled: bool = False
     decay: float = 0.999
     start_epoch: int = 0  #: first 0-based epoch of the EMA; before it the WA model copies the online one
+    warmup: bool = False  #: decay min(decay, (1 + t)/(10 + t)) at the t-th EMA step (the generated-data recipes)
+    #: the averaged model's BatchNorm statistics (all buffers): average (EMA, like the weights) or copy
+    #: (the online model's, as DeepMind's and DM-Improves-AT's code) (rpat.models.averaging)
+    bn: str = "average"
 
 
 @dataclass
@@ -104,6 +136,25 @@ class ReBATConfig:
     beta_growth: float = 1.0  #: β × beta_growth at each lr milestone (1: constant β)
 
 
+#: AWP's published defaults per method (csdongxian/AWP): (γ, warm-up epochs) for AT-AWP
+#: (``AT_AWP/train_cifar10.py``: --awp-gamma 0.01, --awp-warmup 0) and TRADES-AWP
+#: (``trades_AWP/train_trades_cifar.py``: --awp-gamma 0.005, --awp-warmup 10, with epochs counted from 1, so
+#: AWP from its 10th epoch: rpat's 0-based warm-up 9); other methods set awp.gamma
+AWP_DEFAULTS: dict[str, tuple[float, int]] = {"pgd_at": (0.01, 0), "trades": (5e-3, 9)}
+AWP_LOSSES = ("base", "full")
+
+
+@dataclass
+class AWPConfig:
+    """Adversarial weight perturbation (Wu et al., NeurIPS 2020; ``rpat.training.awp``, ``docs/awp.md``)."""
+
+    enabled: bool = False
+    gamma: float | None = None  #: γ, relative size of the weight perturbation (None: the method's published value)
+    warmup_epochs: int | None = None  #: 0-based epochs without AWP first (None: the method's published value)
+    proxy_lr: float = 0.01  #: lr of the proxy's one plain SGD ascent step
+    loss: str = "base"  #: what the proxy ascends: base (the method's loss) or full (+ RPAT and teacher terms)
+
+
 @dataclass
 class OptimConfig:
     epochs: int = 110
@@ -114,6 +165,9 @@ class OptimConfig:
     schedule: str = "piecewise"  #: piecewise (lr × gamma at each milestone epoch), cosine, constant
     milestones: list[int] = field(default_factory=lambda: [100, 105])
     gamma: float = 0.1
+    warmup_epochs: int = 0  #: linear lr warm-up from 0 over the first N epochs (per step), then the schedule
+    #: none, or linear: the lr is optim.lr·batch_size/256 (optim.lr is the lr at batch 256; rpat.training.schedules)
+    lr_scaling: str = "none"
 
 
 @dataclass
@@ -147,6 +201,17 @@ class SpeedConfig:
     cuda_graph: bool | str = False
 
 
+TENSORBOARD_MISSING = ("logging.tensorboard=true needs the tensorboard package, which is not installed: "
+                       "pip install 'rpat[tensorboard]' (or set logging.tensorboard=false)")
+
+
+@dataclass
+class LoggingConfig:
+    """Where training logs go besides metrics.jsonl (``rpat.training.tensorboard``, ``docs/logging.md``)."""
+
+    tensorboard: bool = False  #: also write TensorBoard event files to <run_dir>/tb/ (needs rpat[tensorboard])
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -156,9 +221,11 @@ class Config:
     rpat: RPATConfig = field(default_factory=RPATConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     rebat: ReBATConfig = field(default_factory=ReBATConfig)
+    awp: AWPConfig = field(default_factory=AWPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
     device: str = "auto"  #: auto (cuda if available), cpu, cuda, cuda:1, ...
     log_interval: int = 20  #: steps between progress-bar loss updates (one host sync each)
@@ -179,14 +246,16 @@ class Config:
 
     def train_threat_at(self, epoch: int) -> ThreatModel:
         """The training threat of 0-based ``epoch``: with ``attack.strong_after_decay``, from the
-        first lr milestone on, ε = strong_eps and strong_steps steps; else ``train_threat()``."""
+        first lr milestone on, ε = strong_eps and strong_steps steps; else ``train_threat()``; during
+        ``attack.eps_ramp_epochs`` its ε and step size × (epoch + 1)/N (``rpat.attacks.ramp``)."""
         t = self.train_threat()
         a = self.attack
         if not a.strong_after_decay or epoch < self.strong_attack_epoch():
-            return t
+            return ramped_threat(t, epoch, a.eps_ramp_epochs)
         step = t.step_size if a.strong_step_size is None else parse_budget(a.strong_step_size,
                                                                             "attack.strong_step_size")
-        return ThreatModel(t.norm, parse_budget(a.strong_eps, "attack.strong_eps"), step, a.strong_steps)
+        strong = ThreatModel(t.norm, parse_budget(a.strong_eps, "attack.strong_eps"), step, a.strong_steps)
+        return ramped_threat(strong, epoch, a.eps_ramp_epochs)
 
     def strong_attack_epoch(self) -> int:
         """First 0-based epoch of the stronger training adversary: the first lr milestone."""
@@ -208,6 +277,17 @@ class Config:
         milestones = tuple(self.optim.milestones) if self.optim.schedule == "piecewise" else ()
         return TeacherTerm(r.beta, start, r.target, r.alpha, r.beta_growth, milestones)
 
+    def awp_settings(self) -> tuple[float, int]:
+        """AWP's ``(γ, warm-up epochs)`` for this method: ``awp.gamma`` / ``awp.warmup_epochs``, or where left
+        empty the method's published values (``AWP_DEFAULTS``; warm-up 0 for a method without them)."""
+        w = self.awp
+        gamma, warmup = AWP_DEFAULTS.get(self.method.name, (None, 0))
+        gamma = gamma if w.gamma is None else w.gamma
+        if gamma is None:
+            raise InputError(f"awp.gamma has no published default for method.name={self.method.name}: set it, e.g. "
+                             "awp.gamma=0.01 (AT-AWP's value) or awp.gamma=0.005 (TRADES-AWP's)")
+        return float(gamma), int(warmup if w.warmup_epochs is None else w.warmup_epochs)
+
     def objective(self) -> Objective:
         """The training objective of this config (base method at the epoch-0 threat, RPAT, teacher term):
         the one place a config becomes terms (the trainer, the CUDA-graph key and validation use it)."""
@@ -217,11 +297,16 @@ class Config:
     def label(self) -> str:
         """The run's method label, as every table prints it (``rpat.objectives.method_label``)."""
         return method_label(self.method.name, self.rpat.enabled, self.rpat.proxy,
-                            self.rebat.target if self.rebat.enabled else None)
+                            self.rebat.target if self.rebat.enabled else None) + (" + AWP" if self.awp.enabled else "")
 
     def method_options(self) -> dict[str, Any]:
         """Keyword options of the base method's constructor (``build_objective(..., **options)``)."""
-        return {"exact": self.method.mart_exact} if self.method.name == "mart" else {}
+        options: dict[str, Any] = {"exact": self.method.mart_exact} if self.method.name == "mart" else {}
+        if self.method.label_smoothing:
+            options["label_smoothing"] = self.method.label_smoothing
+        if self.method.trades_beta is not None:
+            options["beta"] = float(self.method.trades_beta)
+        return options
 
     def eval_threat(self) -> ThreatModel:
         t = self.train_threat()
@@ -274,6 +359,12 @@ class Config:
             raise InputError(f"rpat.alpha must be a number in [0, 1], got {r.alpha!r}")
         RPATTerm(r.lam, r.alpha, r.proxy, r.start_epoch)  # checked even when off, so a typo fails before training
         self._validate_rebat()
+        self._validate_extra()
+        self._validate_augment()
+        self._validate_awp()
+        self._validate_recipes()
+        self._validate_trades_beta()
+        self._validate_logging()
         if self.speed.amp not in AMP_MODES:
             raise InputError(f"unknown speed.amp {self.speed.amp!r}; valid: {', '.join(AMP_MODES)}")
         if not (isinstance(self.speed.cuda_graph, bool) or self.speed.cuda_graph == "eager"):
@@ -281,6 +372,27 @@ class Config:
         if self.speed.cuda_graph and self.speed.compile:
             raise InputError("speed.cuda_graph and speed.compile exclude each other: pick one")
         return self
+
+    def _validate_extra(self) -> None:
+        """Checks for the extra (generated) data: fraction, smoothing, and the file's headers and labels."""
+        d = self.data
+        check_extra_config(d.extra, d.extra_fraction, d.extra_label_smoothing, d.batch_size, DATASETS[d.dataset])
+
+    def _validate_augment(self) -> None:
+        """AutoAugment and CutMix (``data.autoaugment*``, ``data.cutmix``; docs/augmentation.md), before any data."""
+        d = self.data
+        for name in ("autoaugment_start_epoch", "autoaugment_cutout"):
+            v = getattr(d, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise InputError(f"data.{name} must be an integer >= 0, got {v!r}")
+        if d.autoaugment and d.autoaugment_start_epoch >= self.optim.epochs:
+            raise InputError(f"data.autoaugment_start_epoch={d.autoaugment_start_epoch} (0-based) is not before the "
+                             f"end of training (optim.epochs={self.optim.epochs}): AutoAugment would never run; "
+                             "lower it")
+        why = soft_label_refusal(self.method.name) if d.cutmix else None
+        if why is not None:
+            raise InputError(f"data.cutmix trains on soft (B, K) labels, which method.name={self.method.name} cannot "
+                             f"use ({why}): use method.name=pgd_at or trades, or set data.cutmix=false")
 
     def _validate_rebat(self) -> None:
         """Checks for weight averaging, the ReBAT / RPAT++ term, the strong adversary and val_size."""
@@ -294,6 +406,66 @@ class Config:
             raise InputError("rebat.enabled needs the weight-averaged teacher: set averaging.enabled=true")
         r = self.rebat  # checked even when off, so a typo fails before training starts
         TeacherTerm(r.beta, 0 if r.start_epoch is None else r.start_epoch, r.target, r.alpha, r.beta_growth)
+
+    def _validate_awp(self) -> None:
+        """Checks for adversarial weight perturbation (``awp.*``), at config time, before data is read."""
+        w = self.awp
+        if w.loss not in AWP_LOSSES:
+            raise InputError(f"unknown awp.loss {w.loss!r}; valid: {', '.join(AWP_LOSSES)}")
+        for name in ("gamma", "proxy_lr"):
+            v = getattr(w, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+                raise InputError(f"awp.{name} must be a finite number >= 0, got {v!r}")
+        if not w.proxy_lr > 0:
+            raise InputError(f"awp.proxy_lr must be > 0 (the proxy's ascent step), got {w.proxy_lr!r}")
+        if w.warmup_epochs is not None and w.warmup_epochs < 0:
+            raise InputError(f"awp.warmup_epochs must be an integer >= 0, got {w.warmup_epochs!r}")
+        if not w.enabled:
+            return
+        if method_class(self.method.name).loss is BaseMethod.loss:
+            raise InputError(f"awp.enabled needs a method with a loss to ascend; method.name={self.method.name} has "
+                             "none: set awp.enabled=false")
+        _, warmup = self.awp_settings()
+        if warmup >= self.optim.epochs:
+            raise InputError(f"awp.warmup_epochs={warmup} is not shorter than training (optim.epochs="
+                             f"{self.optim.epochs}): AWP would never run; lower awp.warmup_epochs")
+        if self.speed.cuda_graph:
+            raise InputError("awp.enabled does not run under speed.cuda_graph (the proxy step is not captured): "
+                             "set speed.cuda_graph=false")
+
+    def _validate_logging(self) -> None:
+        """``logging.tensorboard=true`` needs the tensorboard package: checked here, before any data is read."""
+        if self.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise InputError(TENSORBOARD_MISSING)
+
+    def _validate_trades_beta(self) -> None:
+        """``method.trades_beta``: a finite number >= 0, and only with method.name=trades."""
+        b = self.method.trades_beta
+        if b is None:
+            return
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < float("inf"):
+            raise InputError(f"method.trades_beta must be a finite number >= 0 (TRADES' β, e.g. 6), got {b!r}")
+        if self.method.name != "trades":
+            raise InputError(f"method.trades_beta applies to method.name=trades only, not {self.method.name!r}; "
+                             "drop method.trades_beta")
+
+    def _validate_recipes(self) -> None:
+        """Checks for label smoothing, the EMA warm-up / BN mode, the lr warm-up and scaling and the ε ramp."""
+        check_smoothing(self.method.label_smoothing)
+        if self.averaging.bn not in BN_MODES:
+            raise InputError(f"unknown averaging.bn {self.averaging.bn!r}; valid: {', '.join(BN_MODES)}")
+        o, ramp = self.optim, self.attack.eps_ramp_epochs
+        if o.lr_scaling not in LR_SCALINGS:
+            raise InputError(f"unknown optim.lr_scaling {o.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}")
+        for name, v in (("optim.warmup_epochs", o.warmup_epochs), ("attack.eps_ramp_epochs", ramp)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InputError(f"{name} must be an integer >= 0, got {v!r}")
+        if o.warmup_epochs and o.warmup_epochs >= o.epochs:
+            raise InputError(f"optim.warmup_epochs={o.warmup_epochs} is not shorter than training (optim.epochs="
+                             f"{o.epochs}): the lr would never reach optim.lr; lower optim.warmup_epochs")
+        if ramp > o.epochs:
+            raise InputError(f"attack.eps_ramp_epochs={ramp} is longer than training (optim.epochs={o.epochs}): "
+                             f"the training ε would never reach its target; set it <= {o.epochs}")
 
     def warnings(self) -> list[str]:
         """Settings that are legal but probably not meant (printed as ``rpat: warning: ...`` at start)."""
@@ -341,16 +513,36 @@ class Config:
         method = self.label()
         if self.averaging.enabled:
             method += f" | WA from epoch {self.averaging.start_epoch + 1}"
+        if self.awp.enabled:
+            gamma, warmup = self.awp_settings()
+            method += f" | AWP gamma={gamma:g} from epoch {warmup + 1} (proxy ascends the {self.awp.loss} loss)"
         if self.attack.strong_after_decay:
             strong = format_budget(parse_budget(self.attack.strong_eps))
             method += f" | ${strong} from epoch {self.strong_attack_epoch() + 1}"
+        if self.data.autoaugment:  # docs/augmentation.md
+            method += f" | AutoAugment from epoch {self.data.autoaugment_start_epoch + 1}"
+        if self.data.cutmix:
+            method += " | CutMix"
         sched = self.optim.schedule + (f", lr x{self.optim.gamma} at {self.optim.milestones}"
                                        if self.optim.schedule == "piecewise" else "")
+        sched += self._describe_recipes()
         return (f"{method} | {self.model.arch} on {self.data.dataset} | training attack {t.describe()} | "
                 f"{self.optim.epochs} epochs ({sched})")
 
+    def _describe_recipes(self) -> str:
+        """The banner's words for label smoothing, the EMA warm-up / BN mode, the lr warm-up and scaling, the ε ramp."""
+        o, a, w = self.optim, self.attack, self.averaging
+        parts = [f"lr warm-up {o.warmup_epochs} epochs" if o.warmup_epochs else "",
+                 f"lr x {self.data.batch_size}/256 (linear scaling)" if o.lr_scaling == "linear" else "",
+                 f"eps ramp {a.eps_ramp_epochs} epochs" if a.eps_ramp_epochs else "",
+                 f"label smoothing {self.method.label_smoothing:g}" if self.method.label_smoothing else "",
+                 "EMA warm-up" if w.enabled and w.warmup else "",
+                 "WA BN stats copied" if w.enabled and w.bn == "copy" else ""]
+        return "".join(f", {p}" for p in parts if p)
+
 
 SCHEDULES = ("piecewise", "cosine", "constant")
+LR_SCALINGS = ("none", "linear")  #: optim.lr_scaling: none, or lr = optim.lr·batch_size/256
 
 
 def _budget(value: str | float, name: str, norm: str) -> float:
@@ -470,6 +662,7 @@ def build_config(
         _merge(cfg, load_yaml(file), "")
     for o in overrides or []:
         _merge(cfg, parse_override(o) if isinstance(o, str) else o, "")
+    check_preset_requirements(preset, cfg.to_dict())  # e.g. data.extra for the generated-data presets
     return cfg.validate()
 
 

@@ -11,7 +11,9 @@ What changes with ``W`` processes:
 
 - the process group is initialized from ``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (NCCL on GPUs, gloo on
-  the CPU); on GPUs each process uses ``cuda:LOCAL_RANK``;
+  the CPU); on GPUs each process uses ``cuda:LOCAL_RANK``; with ``RPAT_DIST=slurm``
+  (and no ``WORLD_SIZE``) from SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``,
+  the master being the first host of ``SLURM_JOB_NODELIST`` (docs/cluster.md);
 - ``data.batch_size`` stays the *global* batch: each rank takes
   ``batch_size / W`` images per step (it must divide), from its own shard of
   each epoch's permutation (``rpat.data.loader.shard_order``), so the ranks see
@@ -30,6 +32,8 @@ What changes with ``W`` processes:
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +63,8 @@ class DistContext:
         return self.rank == 0
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
+def _env_int(name: str, default: int, env: Mapping[str, str] | None = None) -> int:
+    raw = (os.environ if env is None else env).get(name)
     if raw is None or raw == "":
         return default
     try:
@@ -69,14 +73,62 @@ def _env_int(name: str, default: int) -> int:
         raise InputError(f"environment variable {name}={raw!r} must be an integer") from None
 
 
-def context_from_env() -> DistContext:
-    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (as torchrun sets them); one process without them."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local = _env_int("LOCAL_RANK", rank)
+def context_from_env(env: Mapping[str, str] | None = None) -> DistContext:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (as torchrun sets them); one process without them.
+
+    Without ``WORLD_SIZE`` but with ``RPAT_DIST=slurm`` the ranks come from SLURM's task variables
+    (:func:`slurm_context`). ``env`` defaults to ``os.environ``.
+    """
+    env = os.environ if env is None else env
+    if not env.get("WORLD_SIZE") and env.get(SLURM_OPT_IN) == "slurm":
+        return slurm_context(env)
+    world = _env_int("WORLD_SIZE", 1, env)
+    rank = _env_int("RANK", 0, env)
+    local = _env_int("LOCAL_RANK", rank, env)
     if world < 1 or not 0 <= rank < world:
         raise InputError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={world}")
     return DistContext(rank, world, local)
+
+
+#: ``RPAT_DIST=slurm`` makes :func:`context_from_env` read SLURM's task variables. It is opt-in (``rpat sweep
+#: --launcher slurm`` sets it for a run of several tasks; put it in your own ``srun`` lines): a batch script with
+#: ``--ntasks 4`` that runs one plain ``rpat train`` must not wait for three ranks that never come.
+SLURM_OPT_IN = "RPAT_DIST"
+
+
+def slurm_context(env: Mapping[str, str]) -> DistContext:
+    """``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (one task per GPU, as ``srun`` starts them) as a context."""
+    world = _env_int("SLURM_NTASKS", 1, env)
+    rank = _env_int("SLURM_PROCID", 0, env)
+    local = _env_int("SLURM_LOCALID", 0, env)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise InputError(f"bad SLURM environment: SLURM_PROCID={rank} SLURM_NTASKS={world} SLURM_LOCALID={local}")
+    return DistContext(rank, world, local)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"`` (what rank 0 runs on:
+    SLURM gives task 0 to the first node), ``"node3"`` -> ``"node3"``."""
+    m = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
+    if m is None or not (m.group(1) or m.group(2)):
+        raise InputError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR to rank 0's host")
+    prefix, ranges, suffix = m.groups()
+    first = (ranges or "").split(",")[0].split("-")[0]
+    return f"{prefix}{first}{suffix}"
+
+
+def slurm_master_addr(env: Mapping[str, str]) -> str:
+    """Rank 0's host from ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST`` on old SLURM versions)."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise InputError("RPAT_DIST=slurm but SLURM_JOB_NODELIST is not set: run under srun, or set MASTER_ADDR")
+    return first_slurm_host(nodelist)
+
+
+def slurm_master_port(env: Mapping[str, str]) -> int:
+    """A port in [20000, 40000) from ``SLURM_JOB_ID``: the same on every task of a job, different between the
+    jobs of an array (each array task has its own job id), so two runs on one node do not collide."""
+    return 20000 + _env_int("SLURM_JOB_ID", 0, env) % 20000
 
 
 def setup(device: torch.device) -> tuple[DistContext, torch.device]:
@@ -97,6 +149,9 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
     elif device.type != "cpu":
         raise InputError(f"distributed training supports cpu (gloo) and cuda (nccl), not {device.type}")
     if not dist.is_initialized():
+        if not os.environ.get("WORLD_SIZE") and os.environ.get(SLURM_OPT_IN) == "slurm":
+            os.environ.setdefault("MASTER_ADDR", slurm_master_addr(os.environ))  # rank 0's node, the same on
+            os.environ.setdefault("MASTER_PORT", str(slurm_master_port(os.environ)))  # every rank of the job
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):
                 raise InputError(f"WORLD_SIZE={ctx.world_size} but {var} is not set: launch with torchrun")
@@ -151,6 +206,17 @@ def all_reduce_sum(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[st
     stacked = torch.stack([v.detach().float() for v in values.values()])
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     return dict(zip(values.keys(), stacked.unbind(0), strict=True))
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], ctx: DistContext) -> None:
+    """Average each tensor over the ranks, in place (one collective on a flat copy); no-op with one process."""
+    if not ctx.active or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(ctx.world_size)
+    for t, v in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(v.view_as(t))
 
 
 def barrier(ctx: DistContext) -> None:

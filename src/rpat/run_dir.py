@@ -11,6 +11,7 @@ Layout (written by ``rpat train``; ``rpat eval``, ``rpat sweep`` and ``rpat repo
                             (with ``averaging.enabled`` best/final/epochs hold the weight-averaged
                             model, the one evaluated; last.pt keeps the online model and ``averaged``)
     epochs/epoch_NNNN.pt    every ``save_every`` epochs (when set), for the analyses
+    tb/                     TensorBoard event files (``logging.tensorboard``, rpat.training.tensorboard)
     eval_best.json          reports of best.pt / final.pt (``rpat train --eval``, ``rpat sweep``)
     eval_final.json
     best.eval.json          the report ``rpat eval best.pt`` writes beside a checkpoint
@@ -210,6 +211,12 @@ def aa_state_path(report_path: str | Path) -> Path:
     """AutoAttack's resume state for a report: ``<report without .json>.aa-state.json`` beside it."""
     p = Path(report_path)
     return p.with_name(p.name.removesuffix(".json") + ".aa-state.json")
+
+
+def stages_path(report_path: str | Path) -> Path:
+    """The finished stages of a report's evaluation (:mod:`rpat.evaluation.stages`): ``<report>.stages.json``."""
+    p = Path(report_path)
+    return p.with_name(p.name.removesuffix(".json") + ".stages.json")
 
 
 def remove_aa_state(report_path: str | Path) -> list[Path]:

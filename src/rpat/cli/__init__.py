@@ -1,4 +1,4 @@
-"""The ``rpat`` command line: train, eval, demo, sweep, list, analyze, ablation, report.
+"""The ``rpat`` command line: train, eval, demo, sweep, list, analyze, ablation, report, download, export.
 
 Each verb's module holds its parser (``add_parser``) and its handler: :mod:`.train`, :mod:`.eval`,
 :mod:`.sweep`, :mod:`.info` (list, demo), :mod:`.analyze` (analyze, ablation, report); this one builds
@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
-from . import analyze, download, info, sweep, train
+from . import analyze, download, export, info, sweep, train
 from . import eval as evaluate
 
 #: The handler of each verb: it gets the parsed arguments and returns the exit status.
@@ -32,6 +32,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ablation": analyze.run_ablation_cmd,
     "report": analyze.run_report,
     "download": download.run,
+    "export": export.run,
 }
 
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_list_parser(sub)
     analyze.add_parser(sub)  # analyze, ablation, report
     download.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

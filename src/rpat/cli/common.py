@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..attacks.autoattack import EVAL_VERSIONS
+from ..evaluation.extra import EXTRA_EVAL_ITEMS
 from ..evaluation.robustness import format_per_attack
 from ..evaluation.sanity import late_attacks_check
 
@@ -22,6 +23,16 @@ def add_autoattack(p: argparse.ArgumentParser, default: str = "standard") -> Non
                    "monitoring variant, reported as AA(APGD); plus: AutoAttack+ (more attacks and restarts, "
                    "several times standard's cost), reported as AA+; rand: for randomized defenses (EOT), "
                    "reported as AA-rand; none: no AutoAttack")
+
+
+def add_extra_evals(p: argparse.ArgumentParser) -> None:
+    """``--extra-evals LIST`` (``rpat train --eval``, ``rpat sweep``): ``rpat eval``'s extra evaluations by name."""
+    p.add_argument("--extra-evals", metavar="LIST", default=None,
+                   help="extra evaluations in every report, comma-separated (rpat eval's --cw, --noise, "
+                   "--transfer-from, --cw-art, --corruptions; columns CW-20, Noise, Transfer, CW(ART), Corruptions "
+                   "and mCE): " + "; ".join(EXTRA_EVAL_ITEMS.values()) + ". Costs: CW-20 as much as PGD-20, "
+                   "noise one forward pass, transfer a PGD-20 on the source, corruptions 75 clean passes over "
+                   "the test images (15 corruptions x 5 severities)")
 
 
 def print_per_attack(rows: list[tuple[str, dict]]) -> None:

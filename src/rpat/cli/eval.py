@@ -240,8 +240,9 @@ def run(args: argparse.Namespace) -> int:
         _evaluate_all(plans, reused, rows, args, say=say, sanity=sanity, device=device, progress=progress, log=log,
                       extra_evals=extra_evals)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt("interrupted; AutoAttack's finished attacks are saved beside the report "
-                                "(<report>.aa-state.json): run the same command again to resume") from None
+        raise KeyboardInterrupt("interrupted; the finished stages (Clean + PGD, each AutoAttack attack, each extra "
+                                "evaluation and corruption) are saved beside the report (<report>.aa-state.json, "
+                                "<report>.stages.json): run the same command again to resume") from None
     finally:
         if ctx.active:
             distributed.cleanup()

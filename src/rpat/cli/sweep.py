@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..experiments.sweep import parse_gpus, run_sweep
 from ..reports.sweep_table import to_markdown
-from .common import add_autoattack
+from .cluster import add_cluster_args, run_cluster
+from .common import add_autoattack, add_extra_evals
 
 EXAMPLES_SWEEP = """\
 examples:
@@ -44,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-examples", type=int, default=1000, help="test images per evaluation (default 1000)")
     p.add_argument("--all-test-images", action="store_true", help="evaluate on the whole test set")
     add_autoattack(p)
+    add_extra_evals(p)
     p.add_argument("--no-autoattack", dest="autoattack", action="store_const", const="none",
                    help="same as --autoattack none (AA/Mean/NRR left empty)")
     p.add_argument("--gpus", help="spread runs over these GPUs, one process each: 0,1,2 or all; "
@@ -52,15 +54,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", help="comma-separated run names: run only these (the table lists all)")
     p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_cluster_args(p)  # --launcher slurm|local and its options (rpat.cli.cluster)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.launcher or args.dry_run or args.collect:  # through submitit (docs/cluster.md)
+        return run_cluster(args)
     out = Path(args.out)
     rows = run_sweep(args.configs, out, overrides=args.overrides,
                      n_examples=None if args.all_test_images else args.n_examples,
                      autoattack=args.autoattack, gpus=parse_gpus(args.gpus), device=args.device,
                      only=[s for s in (args.only or "").split(",") if s] or None,
-                     progress=not args.no_progress, write_table=not args.no_table)
+                     progress=not args.no_progress, write_table=not args.no_table, extra_evals=args.extra_evals)
     if not args.no_table:
         print(to_markdown(rows), end="")
         print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")

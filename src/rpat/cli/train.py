@@ -11,10 +11,12 @@ from .. import __version__, distributed
 from .. import run_dir as rd
 from ..config import Config, build_config, dump_yaml
 from ..errors import InputError
+from ..evaluation.extra import check_extra_evals, parse_extra_evals
 from ..evaluation.report import write_report
 from ..evaluation.robustness import format_table
 from ..training import Trainer
-from .common import HelpFormatter, add_autoattack, print_per_attack
+from ..training.tensorboard import log_report
+from .common import HelpFormatter, add_autoattack, add_extra_evals, print_per_attack
 
 EXAMPLES_TRAIN = """\
 examples:
@@ -33,6 +35,10 @@ overrides are section.key=value pairs (values parsed as YAML; eps as 8/255):
   optim.{epochs,lr,momentum,weight_decay,nesterov,schedule,milestones,gamma}
   eval.{n_examples,eps,step_size,steps,batch_size}  seed  device  log_interval  nonfinite={stop,skip}
   speed.{amp=none|bf16,channels_last,compile,sync_bn}   (see benchmarks/README.md for what each pays)
+  logging.tensorboard=true   (event files in <run_dir>/tb; pip install 'rpat[tensorboard]'; docs/logging.md)
+  data.extra=FILE.npz|DIR data.extra_fraction=0.7 data.extra_label_smoothing   (generated data, memory-mapped:
+    round(f·B) rows of each batch; an epoch stays ceil(N_real / B) batches, as in the published recipes;
+    docs/extra_data.md)
 
 several GPUs (DistributedDataParallel; data.batch_size is the global batch, split over the processes):
   torchrun --nproc-per-node 4 -m rpat train --preset cifar10_benchmark --rpat --run-dir runs/ddp speed.amp=bf16
@@ -79,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after training, evaluate best.pt and final.pt (Clean/PGD-20/AA/Mean/NRR)")
     p.add_argument("--n-examples", type=int, default=1000, help="test images for --eval")
     add_autoattack(p)
+    add_extra_evals(p)
     p.add_argument("--print-config", "--dry-run", dest="print_config", action="store_true",
                    help="print the resolved config (YAML) and the warnings, then exit without training")
     p.add_argument("--no-progress", action="store_true",
@@ -135,8 +142,10 @@ def _build(args: argparse.Namespace) -> Config:
 
 
 def _evaluate_run(run_dir: Path, summary: dict, *, n_examples: int, autoattack: str, device: str,
-                  progress: bool) -> None:
-    """``--eval``: best.pt and final.pt into eval_best.json / eval_final.json, then one table."""
+                  progress: bool, tensorboard: bool = False, extra_evals: str | None = None) -> None:
+    """``--eval``: best.pt and final.pt into eval_best.json / eval_final.json, then one table
+    (with ``--extra-evals``, their columns too)."""
+    evals, corruptions = parse_extra_evals(extra_evals)
     rows = []
     for which, checkpoint in _CHECKPOINTS.items():
         out = rd.eval_report_path(run_dir, which)
@@ -146,7 +155,10 @@ def _evaluate_run(run_dir: Path, summary: dict, *, n_examples: int, autoattack: 
             continue
         extra = {"selected_on": summary["held_out"]} if which == "best" else None
         result = write_report(run_dir / checkpoint, out, say=print, extra=extra, n_examples=n_examples,
-                              autoattack=autoattack, device=device, progress=progress)
+                              autoattack=autoattack, device=device, progress=progress, extra_evals=evals,
+                              corruptions=corruptions)
+        if tensorboard:  # every number of the report into <run_dir>/tb (logging.tensorboard)
+            log_report(run_dir, which, result)
         rows.append((which, result))
     print(format_table(rows))
     print(f"(best = best.pt, selected on the {summary['held_out']})")
@@ -158,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and run_dir is None:
         raise InputError("--resume needs --run-dir")
     cfg = _build(args)
+    if args.extra_evals and not args.eval:
+        raise InputError("--extra-evals adds evaluations to --eval's reports: give --eval too")
+    check_extra_evals(args.extra_evals, cfg.data.dataset)  # a bad list fails before training, not after it
     if args.print_config:
         print(dump_yaml(cfg), end="")
         print(f"# {cfg.describe()}")
@@ -184,5 +199,6 @@ def run(args: argparse.Namespace) -> int:
           f"(selected on the {summary['held_out']}{hint}); checkpoints in {run_dir}")
     if args.eval:
         _evaluate_run(run_dir, summary, n_examples=args.n_examples, autoattack=args.autoattack,
-                      device=trainer.cfg.device, progress=progress)
+                      device=trainer.cfg.device, progress=progress, tensorboard=trainer.cfg.logging.tensorboard,
+                      extra_evals=args.extra_evals)
     return 0

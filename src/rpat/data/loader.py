@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .batch_augment import BatchAugment
 from .datasets import ArrayDataset
 
 __all__ = ["DeviceLoader", "epoch_seed", "random_crop_flip", "shard_order"]
@@ -133,6 +134,8 @@ class DeviceLoader:
             same uint8 batch, one after another from the epoch's augmentation
             generator, so they differ and depend only on ``(seed, epoch)``.
             ``V = 1`` gives exactly the single-view batches.
+        batch_augment: AutoAugment (from its start epoch) and CutMix after crop/flip, before the float
+            conversion (:class:`rpat.data.batch_augment.BatchAugment`); with CutMix ``y`` is float ``(B, K)``.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class DeviceLoader:
         views: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        batch_augment: BatchAugment | None = None,
     ) -> None:
         if int(batch_size) < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -172,6 +176,7 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.seed = int(seed)
         self.keep_on_device = keep_on_device
+        self.batch_augment = batch_augment
         self.epoch = 0
         if keep_on_device:
             self._images = dataset.images.to(self.device)
@@ -205,11 +210,19 @@ class DeviceLoader:
         return shard_order(order, self.rank, self.world_size)  # same permutation on every rank
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        _, aug_gen = self._generators()
+        aug_gen = self.augmentation_generator()
+        for xb, yb in self.uint8_batches():
+            yield self.finish_batch(xb, yb, aug_gen)
+
+    def augmentation_generator(self) -> torch.Generator:
+        """This epoch's device generator for augmentation (fresh, seeded by ``(seed, epoch, rank)``)."""
+        return self._generators()[1]
+
+    def uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches before augmentation: uint8 ``(B, C, H, W)`` and int64 ``(B,)`` on the device."""
         order = self.indices()
         if self.keep_on_device:
             order = order.to(self.device)  # one copy per epoch; batches are slices of it
-        do_aug = self.augment and (self.padding > 0 or self.flip)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             xb = self._images.index_select(0, idx)
@@ -219,13 +232,26 @@ class DeviceLoader:
                     xb, yb = xb.pin_memory(), yb.pin_memory()
                 xb = xb.to(self.device, non_blocking=True)
                 yb = yb.to(self.device, non_blocking=True)
-            if self.views > 1:
-                if do_aug:
-                    xb = torch.cat([random_crop_flip(xb, self.padding, self.flip, aug_gen)
-                                    for _ in range(self.views)])
-                else:
-                    xb = xb.repeat(self.views, 1, 1, 1)
-                yb = yb.repeat(self.views)
-            elif do_aug:
-                xb = random_crop_flip(xb, self.padding, self.flip, aug_gen)
-            yield xb.float().div_(255), yb
+            yield xb, yb
+
+    def finish_batch(self, xb: torch.Tensor, yb: torch.Tensor,
+                     aug_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one augmentation path: a uint8 batch ``(B, C, H, W)`` on the device -> the training batch.
+
+        Views, crop/flip (drawn from ``aug_gen``, the epoch's generator, advanced in place) and the
+        float conversion to [0, 1]. Every batch the trainer sees goes through here, also the mixed
+        real + extra batches of :class:`rpat.data.mixed.MixedLoader`.
+        """
+        do_aug = self.augment and (self.padding > 0 or self.flip)
+        if self.views > 1:
+            if do_aug:
+                xb = torch.cat([random_crop_flip(xb, self.padding, self.flip, aug_gen)
+                                for _ in range(self.views)])
+            else:
+                xb = xb.repeat(self.views, 1, 1, 1)
+            yb = yb.repeat(self.views)
+        elif do_aug:
+            xb = random_crop_flip(xb, self.padding, self.flip, aug_gen)
+        if self.batch_augment is not None:  # AutoAugment, CutMix (rpat.data.batch_augment)
+            xb, yb = self.batch_augment(xb, yb, self.epoch, aug_gen)
+        return xb.float().div_(255), yb

@@ -23,6 +23,7 @@ from ..checkpoint import (
 from ..config import config_from_dict
 from ..data import evaluation_subset, get_spec, load_dataset
 from ..data.corruptions import check_corruption_folder, corruption_set
+from ..distributed import world
 from ..errors import InputError
 from ..models import resolve_model_name
 from ..models.normalization import add_normalization, parse_normalize
@@ -32,6 +33,7 @@ from .corruptions import evaluate_corruptions
 from .extra import ExtraEvals, require_art, run_extra_evals
 from .robustness import RobustnessReport, evaluate_robustness
 from .sanity import run_sanity_checks
+from .stages import Stages
 
 
 def eval_threat_for(
@@ -197,6 +199,7 @@ def evaluate_checkpoint(
     download: bool = False,
     extra_evals: ExtraEvals | None = None,
     corruptions: str | Path | None = None,
+    stage_state: str | Path | None = None,
 ) -> tuple[RobustnessReport, dict[str, Any]]:
     """Clean, PGD-20, AutoAttack, Mean and NRR of a checkpoint on ``n_examples`` test images.
 
@@ -223,6 +226,10 @@ def evaluate_checkpoint(
     AutoAttack; their accuracies go to the report's ``cw``/``noise``/``transfer``/``cw_art``. The
     transfer source is loaded like the checkpoint (its architecture from ``transfer_arch`` or
     inferred) but never wrapped by ``normalize``.
+
+    ``stage_state``: where the finished stages are kept (:mod:`rpat.evaluation.stages`: Clean + PGD,
+    each extra evaluation, each corruption); a killed run given the same path and settings recomputes
+    only the stage it was in (AutoAttack resumes per attack through ``aa_state``).
     """
     raw, settings = eval_settings(path, arch=arch, dataset=dataset, n_examples=n_examples, autoattack=autoattack,
                                   norm=norm, eps=eps, step_size=step_size, steps=steps, seed=seed,
@@ -251,8 +258,10 @@ def evaluate_checkpoint(
     x = sub.images.float().div_(255)
     y = sub.labels
     threat = eval_threat_for(ckpt, norm, eps, step_size, steps)
+    stages = Stages(stage_state, settings, write=world()[0] == 0)
     report = evaluate_robustness(model, x, y, threat, autoattack=version, batch_size=batch_size,
-                                 device=dev, seed=seed, progress=progress, log=log, aa_state=aa_state)
+                                 device=dev, seed=seed, progress=progress, log=log, aa_state=aa_state,
+                                 stages=stages)
     if extra_evals is not None and extra_evals.any():
         t_extra = time.perf_counter()
         source = None
@@ -261,7 +270,7 @@ def evaluate_checkpoint(
                                               num_classes=num_classes, in_chans=int(test.images.shape[1]), log=log)
             source.to(dev)
         values, more = run_extra_evals(model, x, y, threat, extra_evals, source=source, batch_size=batch_size,
-                                       device=dev, seed=seed, progress=progress, log=log)
+                                       device=dev, seed=seed, progress=progress, log=log, stages=stages)
         for key, value in values.items():
             setattr(report, key, value)
         report.extras.update(more)
@@ -272,7 +281,9 @@ def evaluate_checkpoint(
             "settings": settings}
     if corruptions is not None:  # accuracy per corruption and severity, corruption_acc, mce (JSON keys)
         info.update(evaluate_corruptions(model, corruptions, ds_name, n_examples=n_examples, batch_size=batch_size,
-                                         device=dev, progress=progress, log=log))
+                                         device=dev, progress=progress, log=log, stages=stages))
+    if stages.resumed:
+        report.extras["stages_resumed"] = list(stages.resumed)
     per_attack = report.extras.get("aa_per_attack")
     if per_attack is not None:
         info["aa_per_attack"] = per_attack

@@ -24,10 +24,16 @@ from torch import nn
 from ..data.corruptions import CORRUPTIONS, SEVERITIES, check_corruption_folder, corruption_set, corruption_split
 from ..errors import InputError
 from .robustness import accuracy
+from .stages import Stages
 
 __all__ = ["evaluate_corruptions"]
 
 Log = Callable[[str], None]
+
+
+#: The report keys of a corruption evaluation and their column heads: RobustBench's mean corruption
+#: accuracy and the release's mCE (mean error over corruptions), in percent.
+CORRUPTION_COLUMNS: dict[str, str] = {"corruption_acc": "Corruptions", "mce": "mCE"}
 
 
 def evaluate_corruptions(
@@ -41,6 +47,7 @@ def evaluate_corruptions(
     corruptions: Sequence[str] | None = None,
     progress: bool = False,
     log: Log | None = None,
+    stages: Stages | None = None,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on each corruption and severity of the set for ``dataset``.
 
@@ -55,6 +62,8 @@ def evaluate_corruptions(
             ``speckle_noise``, ``gaussian_blur``, ``spatter``, ``saturate`` only when named).
         progress: a tqdm bar per corruption and severity (drawn as asked: the caller decides about terminals).
         log: called with one line per corruption (its accuracies) when given.
+        stages: where finished stages are kept (:mod:`rpat.evaluation.stages`): each corruption is the
+            stage ``corruption:<name>``, taken from it when finished (a killed run recomputes one corruption).
 
     Returns:
         A JSON-ready dict, accuracies in percent::
@@ -80,22 +89,31 @@ def evaluate_corruptions(
     t0 = time.perf_counter()
     per: dict[str, dict[str, float]] = {}
     n_images: int | None = None
+    stages = stages if stages is not None else Stages(None, {})
     for name in names:
-        accs: dict[str, float] = {}
-        correct = total = 0.0
-        for sev in SEVERITIES:
-            split = corruption_split(folder, dataset, name, sev, n_examples)
-            n = len(split)
-            if n_images is not None and n != n_images:
-                raise InputError(f"{folder}: {name} severity {sev} has {n} images but the others {n_images}; "
-                                 f"every corruption and severity must hold the same test images")
-            n_images = n
-            acc = accuracy(model, split.images.float().div_(255), split.labels, batch_size=batch_size,
-                           device=device, progress=progress)
-            accs[str(sev)] = acc
-            correct += acc * n
-            total += n
-        accs["all"] = correct / total
+        rec = stages.get(f"corruption:{name}")
+        if rec is None:
+            accs: dict[str, float] = {}
+            correct = total = 0.0
+            for sev in SEVERITIES:
+                split = corruption_split(folder, dataset, name, sev, n_examples)
+                n = len(split)
+                if n_images is not None and n != n_images:
+                    raise InputError(f"{folder}: {name} severity {sev} has {n} images but the others {n_images}; "
+                                     f"every corruption and severity must hold the same test images")
+                n_images = n
+                acc = accuracy(model, split.images.float().div_(255), split.labels, batch_size=batch_size,
+                               device=device, progress=progress)
+                accs[str(sev)] = acc
+                correct += acc * n
+                total += n
+            accs["all"] = correct / total
+            stages.put(f"corruption:{name}", {"accuracy": accs, "images": n_images})
+        else:
+            accs = {k: float(v) for k, v in rec["accuracy"].items()}
+            n_images = int(rec["images"])
+            if log is not None:
+                log(f"{name}: taken from the finished stage of the interrupted run")
         per[name] = accs
         if log is not None:
             log(f"{name}: " + ", ".join(f"{k} {v:.2f}%" for k, v in accs.items()))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,9 +39,11 @@ from torch import Tensor, nn
 from ..attacks.cw import cw_pgd
 from ..attacks.pgd import eval_mode, pgd, random_start
 from ..attacks.threat import ThreatModel, format_budget, parse_budget
+from ..data.corruptions import check_corruption_folder
 from ..errors import InputError
 from ..utils import progress_enabled
 from .robustness import _count_correct
+from .stages import Stages
 
 Log = Callable[[str], None]
 
@@ -159,6 +162,7 @@ def run_extra_evals(
     seed: int = 0,
     progress: bool = True,
     log: Log | None = None,
+    stages: Stages | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Run the extra evaluations ``evals`` asks for on ``model`` (already on ``device``).
 
@@ -169,6 +173,9 @@ def run_extra_evals(
         source: the transfer source model on ``device`` (needed when ``evals.transfer_from``).
         seed: seeds CW's start, the noise and the transfer PGD (the same generator seeding as PGD-20,
             so transfer from the model itself equals its white-box PGD accuracy).
+        stages: where finished stages are kept (:mod:`rpat.evaluation.stages`): each evaluation is the
+            stage of its key (``cw``, ``noise``, ``transfer``, ``cw_art``), taken from it when finished,
+            so a killed run recomputes only the evaluation it was in.
 
     Returns:
         ``(values, extras)``: ``values`` maps ``cw``/``noise``/``transfer``/``cw_art`` to accuracies
@@ -182,52 +189,131 @@ def run_extra_evals(
     values: dict[str, float] = {}
     extras: dict[str, Any] = {}
     common = {"batch_size": batch_size, "device": dev, "seed": seed, "progress": bars, "split": True}
+    stages = stages if stages is not None else Stages(None, {})
+
+    def staged(key: str, compute: Callable[[], tuple[int, dict[str, Any], str]]) -> None:
+        """Run (or take from ``stages``) one evaluation: ``compute() -> (n correct, extras, what)``."""
+        rec = stages.get(key)
+        if rec is None:
+            t = time.perf_counter()
+            k, more, what = compute()
+            rec = {"correct": k, "extras": {**more, f"{key}_seconds": time.perf_counter() - t}, "what": what}
+            stages.put(key, rec)
+        else:
+            emit(f"{key}: taken from the finished stage of the interrupted run")
+        k = int(rec["correct"])
+        values[key] = 100.0 * k / n
+        extras.update(rec["extras"])
+        emit(f"{rec['what']}: {values[key]:.2f}% ({k}/{n})")
+
+    def cw() -> tuple[int, dict[str, Any], str]:
+        cw_threat = threat.with_steps(evals.cw_steps)
+        k, _ = _count_correct(model, x, y, threat=cw_threat, desc=f"CW-{cw_threat.steps}",
+                              attack=lambda xb, yb, g: cw_pgd(model, xb, yb, cw_threat, generator=g), **common)
+        return k, {"cw_steps": cw_threat.steps, "cw_threat": cw_threat.describe()}, \
+            f"CW-{cw_threat.steps} ({cw_threat.describe()})"
+
+    def noise() -> tuple[int, dict[str, Any], str]:
+        sigma = evals.sigma
+        if evals.noise == "uniform":
+            k, _ = _count_correct(model, x, y, threat=threat, desc="noise",
+                                  attack=lambda xb, yb, g: uniform_noise(xb, threat, g), **common)
+            return k, {"noise_kind": "uniform", "noise_eps": threat.eps}, \
+                f"noise (uniform in the {threat.norm} ball eps={format_budget(threat.eps)})"
+        k, _ = _count_correct(model, x, y, desc="noise", skip=_draw_gaussian,
+                              attack=lambda xb, yb, g: gaussian_noise(xb, sigma, g), **common)
+        return k, {"noise_kind": "gaussian", "noise_sigma": sigma}, f"noise (gaussian sigma={format_budget(sigma)})"
+
+    def transfer() -> tuple[int, dict[str, Any], str]:
+        if source is None:
+            raise InputError("transfer needs the source model")
+        with eval_mode(source):
+            k, _ = _count_correct(model, x, y, threat=threat, desc="transfer",
+                                  attack=lambda xb, yb, g: pgd(source, xb, yb, threat, start="uniform",
+                                                               generator=g), **common)
+        return k, {"transfer_from": str(evals.transfer_from)}, \
+            f"transfer (PGD-{threat.steps} on {evals.transfer_from})"
+
+    def cw_art() -> tuple[int, dict[str, Any], str]:
+        with torch.no_grad():
+            num_classes = int(model(x[:1].to(dev)).shape[-1])
+        k, _ = _count_correct(model, x, y, batch_size=batch_size, device=dev, progress=bars, desc="CW (ART)",
+                              attack=lambda xb, yb, g: art_cw_adversarial(model, xb, threat, num_classes))
+        method = "CarliniLInfMethod" if threat.norm == "linf" else "CarliniL2Method"
+        return k, {"cw_art_method": method}, f"CW (ART {method})"
+
     with eval_mode(model):
-        if evals.cw_steps:
-            cw_threat = threat.with_steps(evals.cw_steps)
-            t = time.perf_counter()
-            k, _ = _count_correct(model, x, y, threat=cw_threat, desc=f"CW-{cw_threat.steps}",
-                                  attack=lambda xb, yb, g: cw_pgd(model, xb, yb, cw_threat, generator=g),
-                                  **common)
-            values["cw"] = 100.0 * k / n
-            extras.update(cw_steps=cw_threat.steps, cw_threat=cw_threat.describe(),
-                          cw_seconds=time.perf_counter() - t)
-            emit(f"CW-{cw_threat.steps} ({cw_threat.describe()}): {values['cw']:.2f}% ({k}/{n})")
-        if evals.noise:
-            t = time.perf_counter()
-            sigma = evals.sigma
-            if evals.noise == "uniform":
-                k, _ = _count_correct(model, x, y, threat=threat, desc="noise",
-                                      attack=lambda xb, yb, g: uniform_noise(xb, threat, g), **common)
-                what = f"uniform in the {threat.norm} ball eps={format_budget(threat.eps)}"
-                extras.update(noise_kind="uniform", noise_eps=threat.eps)
-            else:
-                k, _ = _count_correct(model, x, y, desc="noise", skip=_draw_gaussian,
-                                      attack=lambda xb, yb, g: gaussian_noise(xb, sigma, g), **common)
-                what = f"gaussian sigma={format_budget(sigma)}"
-                extras.update(noise_kind="gaussian", noise_sigma=sigma)
-            values["noise"] = 100.0 * k / n
-            extras["noise_seconds"] = time.perf_counter() - t
-            emit(f"noise ({what}): {values['noise']:.2f}% ({k}/{n})")
-        if evals.transfer_from:
-            if source is None:
-                raise InputError("transfer needs the source model")
-            t = time.perf_counter()
-            with eval_mode(source):
-                k, _ = _count_correct(model, x, y, threat=threat, desc="transfer",
-                                      attack=lambda xb, yb, g: pgd(source, xb, yb, threat, start="uniform",
-                                                                   generator=g), **common)
-            values["transfer"] = 100.0 * k / n
-            extras.update(transfer_from=str(evals.transfer_from), transfer_seconds=time.perf_counter() - t)
-            emit(f"transfer (PGD-{threat.steps} on {evals.transfer_from}): {values['transfer']:.2f}% ({k}/{n})")
-        if evals.cw_art:
-            t = time.perf_counter()
-            with torch.no_grad():
-                num_classes = int(model(x[:1].to(dev)).shape[-1])
-            k, _ = _count_correct(model, x, y, batch_size=batch_size, device=dev, progress=bars, desc="CW (ART)",
-                                  attack=lambda xb, yb, g: art_cw_adversarial(model, xb, threat, num_classes))
-            values["cw_art"] = 100.0 * k / n
-            extras.update(cw_art_method="CarliniLInfMethod" if threat.norm == "linf" else "CarliniL2Method",
-                          cw_art_seconds=time.perf_counter() - t)
-            emit(f"CW (ART {extras['cw_art_method']}): {values['cw_art']:.2f}% ({k}/{n})")
+        for key, wanted, compute in (("cw", evals.cw_steps, cw), ("noise", evals.noise, noise),
+                                     ("transfer", evals.transfer_from, transfer), ("cw_art", evals.cw_art, cw_art)):
+            if wanted:
+                staged(key, compute)
     return values, extras
+
+
+#: The items of an ``--extra-evals`` list (``rpat train --eval``, ``rpat sweep``), with what each takes.
+EXTRA_EVAL_ITEMS: dict[str, str] = {
+    "cw": "cw or cw=STEPS (CW-PGD, default 20 steps)",
+    "noise": "noise (uniform in the eps-ball) or noise=gaussian:SIGMA (e.g. noise=gaussian:8/255)",
+    "transfer": "transfer=SRC.pt (PGD-20 on SRC, scored on the model)",
+    "transfer_arch": "transfer_arch=ARCH (the architecture of a plain-state_dict SRC)",
+    "cw_art": "cw_art (ART's Carlini-Wagner; needs rpat[art])",
+    "corruptions": "corruptions=DIR (CIFAR-10-C / CIFAR-100-C / Tiny-ImageNet-C folder)",
+}
+
+
+def parse_extra_evals(spec: str | None) -> tuple[ExtraEvals, str | None]:
+    """``"cw,noise,transfer=SRC.pt,corruptions=DIR"`` -> ``(ExtraEvals, corruption folder or None)``.
+
+    The comma-separated items of :data:`EXTRA_EVAL_ITEMS` (the same evaluations as ``rpat eval``'s
+    ``--cw``, ``--noise``, ``--transfer-from``, ``--cw-art`` and ``--corruptions``). An empty or None
+    ``spec`` asks for none. InputError (one line) for an unknown item or a malformed value.
+    """
+    kw: dict[str, Any] = {}
+    corruptions: str | None = None
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in EXTRA_EVAL_ITEMS:
+            raise InputError(f"--extra-evals: unknown item {item!r}; valid: " + "; ".join(EXTRA_EVAL_ITEMS.values()))
+        needs_value = key in ("transfer", "transfer_arch", "corruptions")
+        if needs_value and not value:
+            raise InputError(f"--extra-evals: {key} needs a value: {EXTRA_EVAL_ITEMS[key]}")
+        if key == "cw":
+            if value and not value.isdigit():
+                raise InputError(f"--extra-evals: cw=STEPS takes a whole number of steps, got {value!r}")
+            kw["cw_steps"] = int(value) if value else 20
+        elif key == "noise":
+            if not value or value == "uniform":
+                kw["noise"] = "uniform"
+            elif value.startswith("gaussian:") and value.removeprefix("gaussian:"):
+                kw["noise"], kw["noise_sigma"] = "gaussian", value.removeprefix("gaussian:")
+                parse_budget(kw["noise_sigma"], "--extra-evals noise sigma")
+            else:
+                raise InputError(f"--extra-evals: noise takes uniform or gaussian:SIGMA, got {value!r}")
+        elif key == "transfer":
+            kw["transfer_from"] = value
+        elif key == "transfer_arch":
+            kw["transfer_arch"] = value
+        elif key == "cw_art":
+            if value:
+                raise InputError(f"--extra-evals: cw_art takes no value, got {item!r}")
+            kw["cw_art"] = True
+        else:
+            corruptions = value
+    return ExtraEvals(**kw), corruptions
+
+
+def check_extra_evals(spec: str | None, dataset: str) -> tuple[ExtraEvals, str | None]:
+    """:func:`parse_extra_evals`, then what can be checked before any training: the transfer source exists,
+    ART imports for ``cw_art``, and the corruption folder holds every file for ``dataset``."""
+    evals, corruptions = parse_extra_evals(spec)
+    if evals.transfer_from is not None and not Path(evals.transfer_from).is_file():
+        raise InputError(f"--extra-evals transfer={evals.transfer_from}: no such file")
+    if evals.cw_art:
+        require_art()
+    if corruptions is not None:
+        check_corruption_folder(corruptions, dataset)
+    return evals, corruptions

@@ -4,8 +4,10 @@
 resume state beside the report (``<report>.aa-state.json``, :func:`rpat.run_dir.aa_state_path`): a state
 an interrupted run left with the same settings is continued; one saved with other settings is discarded
 (said) and the evaluation starts over, since the new report replaces the one that state was for. The
-report JSON is then written atomically and the state removed. Under torch.distributed every rank
-evaluates its share; only rank 0 writes.
+report JSON is then written atomically and the state removed. The other stages (Clean + PGD, each
+extra evaluation, each corruption) are kept the same way in ``<report>.stages.json``
+(:mod:`rpat.evaluation.stages`), so a rerun after a kill recomputes only the stage it was killed in.
+Under torch.distributed every rank evaluates its share; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from .. import distributed
 from ..errors import InputError
-from ..run_dir import aa_state_path, remove_aa_state, write_report_file
+from ..run_dir import aa_state_path, remove_aa_state, stages_path, write_report_file
 from .checkpoint_eval import aa_version, evaluate_checkpoint
 from .sanity import summarize
 
@@ -48,14 +50,17 @@ def write_report(
     ctx = distributed.DistContext(rank=rank, world_size=world_size)
     report_path = Path(report_path)
     state = aa_state_path(report_path) if aa_version(kwargs.get("autoattack", True)) != "none" else None
+    stages = stages_path(report_path)
     if force and ctx.is_main:
         remove_aa_state(report_path)
+        stages.unlink(missing_ok=True)
     distributed.barrier(ctx)
     if state is not None and state.is_file():
         say(f"resuming AutoAttack from {state}")
 
     def run() -> tuple[Any, dict[str, Any]]:
-        return evaluate_checkpoint(checkpoint, aa_state=state, sanity=sanity and ctx.is_main, **kwargs)
+        return evaluate_checkpoint(checkpoint, aa_state=state, stage_state=stages, sanity=sanity and ctx.is_main,
+                                   **kwargs)
 
     try:
         report, info = run()
@@ -72,10 +77,14 @@ def write_report(
         return None
     if report.extras.get("aa_resumed"):
         say(f"{checkpoint}: AutoAttack continued from the saved state of an interrupted run")
+    if report.extras.get("stages_resumed"):
+        reused = ", ".join(report.extras["stages_resumed"])
+        say(f"{checkpoint}: finished stages of an interrupted run reused: {reused}")
     if "sanity" in info:
         say(summarize(info["sanity"]))
     result = {**info, **report.to_dict(), **(extra or {})}
     write_report_file(report_path, result)
     remove_aa_state(report_path)
+    stages.unlink(missing_ok=True)
     say(f"wrote {report_path}")
     return result

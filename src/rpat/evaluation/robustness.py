@@ -35,6 +35,7 @@ from ..distributed import comm_device, world
 from ..errors import InputError
 from ..utils import progress_enabled
 from .metrics import accuracy_se, format_pm, mean_score, mean_se, nrr
+from .stages import Stages
 
 Log = Callable[[str], None]
 #: ``attack(xb, yb, generator) -> xb_adv``: one batch ``(B, C, H, W)`` in [0, 1] to the images to score.
@@ -47,6 +48,15 @@ EXTRA_COLUMNS: dict[str, str] = {"cw": "CW", "noise": "Noise", "transfer": "Tran
 
 #: The AutoAttack versions ``evaluate_robustness`` runs, and how tables label their accuracy.
 AA_LABELS = {v: VERSION_LABELS[v] for v in EVAL_VERSIONS if v != "none"}
+
+
+def aa_group_labels(version: str) -> tuple[str, str, str]:
+    """The column heads of an AutoAttack version's robust accuracy, Mean and NRR: ``("AA", "Mean", "NRR")``
+    for standard AutoAttack, ``("AA(APGD)", "Mean(APGD)", "NRR(APGD)")``, ``("AA+", "Mean(PLUS)", ...)``
+    for the others (never the AA columns)."""
+    if version == "standard":
+        return "AA", "Mean", "NRR"
+    return AA_LABELS[version], f"Mean({version.upper()})", f"NRR({version.upper()})"
 
 
 @dataclass
@@ -266,6 +276,7 @@ def evaluate_robustness(
     progress: bool = True,
     log: Log | None = None,
     aa_state: str | Path | None = None,
+    stages: Stages | None = None,
 ) -> RobustnessReport:
     """Clean, PGD and (optionally) AutoAttack accuracy, Mean and NRR of ``model``.
 
@@ -291,6 +302,8 @@ def evaluate_robustness(
             each attack; an existing state for the same settings is continued
             after its last finished attack (same numbers as an uninterrupted
             run); one for other settings is an InputError.
+        stages: where finished stages are kept (:mod:`rpat.evaluation.stages`): Clean and PGD are
+            the stage ``clean_pgd``, taken from it when finished (None: computed).
 
     Mean and NRR are computed from Clean and AA (the paper's convention). The
     model runs in eval mode; each submodule's mode is restored afterwards.
@@ -317,20 +330,28 @@ def evaluate_robustness(
         extras["processes"] = n_ranks
     t_start = time.perf_counter()
     aa = mean = nrr_value = None
+    stages = stages if stages is not None else Stages(None, {})
     with eval_mode(model):
-        t = time.perf_counter()
-        n_clean, num_classes = _count_correct(model, x, y, batch_size=batch_size, device=dev,
-                                              progress=bars, desc="clean", split=True)
+        done = stages.get("clean_pgd")
+        if done is None:
+            t = time.perf_counter()
+            n_clean, num_classes = _count_correct(model, x, y, batch_size=batch_size, device=dev,
+                                                  progress=bars, desc="clean", split=True)
+            clean_seconds = time.perf_counter() - t
+            t = time.perf_counter()
+            n_pgd, _ = _count_correct(model, x, y, batch_size=batch_size, device=dev, threat=threat,
+                                      seed=seed, progress=bars, desc=f"PGD-{threat.steps}", split=True)
+            done = {"n_clean": n_clean, "num_classes": num_classes, "clean_seconds": clean_seconds,
+                    "n_pgd": n_pgd, "pgd_seconds": time.perf_counter() - t}
+            stages.put("clean_pgd", done)
+        else:
+            emit("clean and PGD: taken from the finished stage of the interrupted run")
+        n_clean, n_pgd = int(done["n_clean"]), int(done["n_pgd"])
         clean = 100.0 * n_clean / n
-        extras["clean_seconds"] = time.perf_counter() - t
-        extras["num_classes"] = num_classes
+        extras.update(clean_seconds=done["clean_seconds"], num_classes=int(done["num_classes"]))
         emit(f"clean: {clean:.2f}% ({n_clean}/{n})")
-
-        t = time.perf_counter()
-        n_pgd, _ = _count_correct(model, x, y, batch_size=batch_size, device=dev, threat=threat,
-                                  seed=seed, progress=bars, desc=f"PGD-{threat.steps}", split=True)
         robust_pgd = 100.0 * n_pgd / n
-        extras["pgd_seconds"] = time.perf_counter() - t
+        extras["pgd_seconds"] = done["pgd_seconds"]
         emit(f"PGD-{threat.steps} ({threat.describe()}): {robust_pgd:.2f}% ({n_pgd}/{n})")
 
         if version is not None:
@@ -467,8 +488,7 @@ def _render(rows: Sequence[tuple[str, dict[str, Any]]], with_name: bool = True) 
     extra = [k for k in EXTRA_COLUMNS if any(d.get(k) is not None for _, d in rows)]
     header = (["model"] if with_name else []) + ["Clean", pgd_head] + [_extra_head(k, rows) for k in extra]
     for v in groups:  # standard and apgd values never share a column
-        header += ["AA", "Mean", "NRR"] if v == "standard" else [AA_LABELS[v], f"Mean({v.upper()})",
-                                                                 f"NRR({v.upper()})"]
+        header += list(aa_group_labels(v))
     body = []
     for name, d in rows:
         version = (d.get("extras") or {}).get("aa_version", "standard")

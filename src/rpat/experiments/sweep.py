@@ -34,10 +34,12 @@ from ..checkpoint import load_checkpoint
 from ..config import Config, build_config, load_yaml
 from ..errors import InputError
 from ..evaluation.checkpoint_eval import aa_version
+from ..evaluation.extra import check_extra_evals, parse_extra_evals
 from ..evaluation.report import write_report
 from ..presets import GRID_PREFIX, list_presets
 from ..reports import sweep_table
 from ..training import Trainer
+from ..training.tensorboard import log_report
 
 
 # ---- what to run ---------------------------------------------------------------------
@@ -112,21 +114,23 @@ def collect_runs(specs: list[str], overrides: list[str] | None = None) -> list[S
 
 
 # ---- running -------------------------------------------------------------------------
-def _eval_ok(path: Path, n_examples: int | None, autoattack: bool | str) -> bool:
+def _eval_ok(path: Path, n_examples: int | None, autoattack: bool | str, extra_evals: str | None = None) -> bool:
     rep = rd.read_report(path)
     if rep is None:
         return False
     done = rep.get("sweep") or {}
     recorded = done.get("autoattack")  # older sweeps recorded True/False
     return (done.get("n_examples") == n_examples and recorded is not None
-            and aa_version(recorded) == aa_version(autoattack))
+            and aa_version(recorded) == aa_version(autoattack)
+            and (done.get("extra_evals") or None) == (extra_evals or None))
 
 
-def is_finished(run_dir: Path, n_examples: int | None, autoattack: bool | str) -> bool:
+def is_finished(run_dir: Path, n_examples: int | None, autoattack: bool | str, extra_evals: str | None = None) -> bool:
     """True when training ended (final.pt) and best/final were evaluated with these settings
-    (``autoattack``: ``"standard"``/True, ``"apgd"``, ``"none"``/False)."""
+    (``autoattack``: ``"standard"``/True, ``"apgd"``, ``"none"``/False; ``extra_evals``: the
+    ``--extra-evals`` list, :func:`rpat.evaluation.extra.parse_extra_evals`)."""
     return (run_dir / rd.FINAL).is_file() and all(
-        _eval_ok(rd.eval_report_path(run_dir, w), n_examples, autoattack) for w in rd.EVALUATED)
+        _eval_ok(rd.eval_report_path(run_dir, w), n_examples, autoattack, extra_evals) for w in rd.EVALUATED)
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -143,34 +147,47 @@ def train_and_evaluate(
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    extra_evals: str | None = None,
+    trainer_setup: Callable[[Trainer], None] | None = None,
 ) -> str:
-    """Train (or resume, or skip) one run, then evaluate best.pt and final.pt. Returns what it did."""
+    """Train (or resume, or skip) one run, then evaluate best.pt and final.pt. Returns what it did.
+
+    ``extra_evals``: the extra evaluations of both reports, as ``--extra-evals`` lists them
+    (``"cw,noise,corruptions=DIR"``: :func:`rpat.evaluation.extra.parse_extra_evals`)."""
     run_dir = out / run.name
-    if is_finished(run_dir, n_examples, autoattack):
+    evals, corruptions = parse_extra_evals(extra_evals)
+    if is_finished(run_dir, n_examples, autoattack, extra_evals):
         log(f"[{run.name}] finished: skipped")
         return "skipped"
     did = "evaluated"
     if not (run_dir / rd.FINAL).is_file():
         resume = (run_dir / rd.LAST).is_file()
         log(f"[{run.name}] {'resuming' if resume else 'training'}: {run.cfg.describe()}")
-        Trainer(run.cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log).fit()
+        trainer = Trainer(run.cfg, run_dir, resume=resume, overwrite=not resume, progress=progress, log=log)
+        if trainer_setup is not None:  # e.g. the SLURM task's save signals (rpat.experiments.slurm)
+            trainer_setup(trainer)
+        trainer.fit()
         did = "resumed" if resume else "trained"
     version = aa_version(autoattack)
-    settings = {"sweep": {"n_examples": n_examples, "autoattack": version}}
+    settings = {"sweep": {"n_examples": n_examples, "autoattack": version, "extra_evals": extra_evals or None}}
     reports: dict[str, dict[str, Any]] = {}
     for which in rd.EVALUATED:
         path = rd.eval_report_path(run_dir, which)
-        if _eval_ok(path, n_examples, autoattack):
+        if _eval_ok(path, n_examples, autoattack, extra_evals):
             continue
         ckpt = run_dir / f"{which}.pt"
         if which == "final" and "best" in reports and _same_weights(run_dir / rd.BEST, ckpt):
-            result = {**reports["best"], "checkpoint": str(ckpt), "same_weights_as": "best", **settings}
-            rd.write_report_file(path, result)
+            result = None  # under DDP (several SLURM tasks) only rank 0 has the report and writes
+            if reports["best"] is not None:
+                result = {**reports["best"], "checkpoint": str(ckpt), "same_weights_as": "best", **settings}
+                rd.write_report_file(path, result)
         else:
             log(f"[{run.name}] evaluating {which}.pt")
             result = write_report(ckpt, path, say=lambda m: log(f"[{run.name}] {m}"), extra=settings,
                                   n_examples=n_examples, autoattack=version, device=device or run.cfg.device,
-                                  progress=progress)
+                                  progress=progress, extra_evals=evals, corruptions=corruptions)
+        if run.cfg.logging.tensorboard and result is not None:  # out/<run>/tb: `tensorboard --logdir out` compares runs
+            log_report(run_dir, which, result)
         reports[which] = result
     return did
 
@@ -220,6 +237,7 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] = print,
     write_table: bool = True,
+    extra_evals: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run a whole sweep (see the module docstring); returns the table rows.
 
@@ -227,11 +245,15 @@ def run_sweep(
     process per entry (``CUDA_VISIBLE_DEVICES`` set to that GPU; a GPU listed
     twice gets two processes), each running its share one after another; logs
     go to ``out/_logs/gpu<i>.log`` (``gpu<i>-2.log`` for a second process on GPU i).
+    ``extra_evals`` (``--extra-evals``) adds CW-20, noise, transfer, ART's CW or corruptions to every
+    report (:func:`rpat.evaluation.extra.parse_extra_evals`); checked before anything runs.
     """
     if n_examples is not None and n_examples < 1:
         raise InputError(f"--n-examples must be >= 1, got {n_examples}")
     out = Path(out)
     runs = collect_runs(specs, overrides)
+    for ds in dict.fromkeys(r.cfg.data.dataset for r in runs):  # a bad list fails before the first run trains
+        check_extra_evals(extra_evals, ds)
     todo = runs
     if only:
         missing = sorted(set(only) - {r.name for r in runs})
@@ -241,21 +263,21 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     if gpus and len(gpus) > 1:
         run_workers(specs, out, todo, overrides or [], n_examples, autoattack,
-                    gpu_workers(gpus), device, log)
+                    gpu_workers(gpus), device, log, extra_evals=extra_evals)
     else:
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
         for i, run in enumerate(todo):
             t0 = time.perf_counter()
             did = train_and_evaluate(run, out, n_examples=n_examples, autoattack=autoattack, device=device,
-                                     progress=progress, log=log)
+                                     progress=progress, log=log, extra_evals=extra_evals)
             log(f"[{run.name}] {did} ({i + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s)")
     return write_tables(runs, out) if write_table else sweep_table.gather([(r.name, r.cfg) for r in runs], out)
 
 
 def run_workers(specs: list[str], out: Path, todo: list[SweepRun], overrides: list[str], n_examples: int | None,
                 autoattack: bool | str, workers: dict[str, dict[str, str]], device: str | None,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], extra_evals: str | None = None) -> None:
     """Deal ``todo`` round-robin to one ``rpat sweep --only ...`` subprocess per worker; wait for all.
 
     ``workers`` maps a worker name to the environment variables it adds (for
@@ -276,6 +298,7 @@ def run_workers(specs: list[str], out: Path, todo: list[SweepRun], overrides: li
         cmd += ["--n-examples", str(n_examples)] if n_examples is not None else ["--all-test-images"]
         cmd += ["--autoattack", aa_version(autoattack)]
         cmd += ["--device", device] if device else []
+        cmd += ["--extra-evals", extra_evals] if extra_evals else []
         f = open(logs / f"{name}.log", "a")  # noqa: SIM115 - closed after the process ends
         procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra_env}, stdout=f,
                                              stderr=subprocess.STDOUT), f))

@@ -1,4 +1,5 @@
-"""The model zoo: CIFAR-style ResNet-18, PreAct ResNet-18, WRN-34-10, WRN-28-10 and a small CNN.
+"""The model zoo: CIFAR-style ResNet-18, PreAct ResNet-18, WRN-34-10, WRN-28-10, a small CNN, the Swish
+DM networks of the generated-data models (``dm_*``), and the RPAT release's VGG16 and MobileNetV2.
 
 All models take images in [0, 1] (normalization, if any, is a layer inside
 the model) and expose the perception proxies of :data:`PROXIES` through
@@ -7,7 +8,15 @@ or rpat weights with :func:`load_weights`;
 :func:`infer_arch` tells which models a state_dict fits.
 """
 
-from . import preact_resnet, resnet, small_cnn, wide_resnet  # noqa: F401 -- registers the models
+from . import (  # noqa: F401 -- registers the models
+    dm_resnet,
+    mobilenetv2,
+    preact_resnet,
+    resnet,
+    small_cnn,
+    vgg,
+    wide_resnet,
+)
 from .base import PROXIES, ImageClassifier
 from .loading import infer_arch, load_weights
 from .registry import create_model, list_models, register_model, resolve_model_name

@@ -19,13 +19,16 @@ UNUSED_PREFIXES: tuple[str, ...] = ("sub_block1.",)
 
 
 def _strip_wrappers(key: str, model_keys: Mapping[str, object]) -> str:
-    """Remove ``module.`` / ``_orig_mod.`` segments unless the model itself uses the key as is."""
+    """Remove ``module.`` / ``_orig_mod.`` segments (and a ``Sequential``'s leading ``0.`` when the rest is a
+    model key) unless the model itself uses the key as is."""
     if key in model_keys:
         return key
     parts = key.split(".")
     while len(parts) > 1 and parts[0] in WRAPPER_SEGMENTS:
         parts = parts[1:]
     parts = [p for p in parts[:-1] if p != "_orig_mod"] + parts[-1:]  # compiled submodules
+    if len(parts) > 1 and parts[0] == "0" and ".".join(parts[1:]) in model_keys:
+        parts = parts[1:]  # Sequential(network), as Rebuffi et al.'s and DM-Improves-AT's code save it (module.0.)
     return ".".join(parts)
 
 
@@ -186,6 +189,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch:
         fits = _architectures_with_keys(set(cleaned)) if missing or unexpected else []
         if fits:
             hint = f"its keys are those of {' / '.join(fits)}: check --arch"
+        elif set(missing) == {"mean", "std"} and not unexpected and not reshaped:  # the dm_* models' statistics
+            hint = ("the checkpoint lacks the input statistics the model keeps as buffers, as DM-Improves-AT's own "
+                    "files do (RobustBench's copies have them): add 'mean' and 'std' (see docs/networks.md)")
         elif first in reshaped:
             ck, mine = cleaned[first].shape, model_sd[first].shape
             if not missing and not unexpected and set(reshaped) <= _head_keys(model):

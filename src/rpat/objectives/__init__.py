@@ -1,7 +1,8 @@
 """Training objectives: base methods, with RPAT as a composable term.
 
 Where is each loss?  PGD-AT: ``pgd_at.py``; TRADES: ``trades.py``; MART: ``mart.py``;
-Consistency-AT: ``consistency.py``; the RPAT regularizer: ``rpat.py``;
+Consistency-AT: ``consistency.py``; their label-smoothed cross-entropy: ``losses.py``;
+the RPAT regularizer: ``rpat.py``;
 ReBAT's BoAT term and RPAT++'s teacher term (towards the weight-averaged model): ``rebat.py``.
 The leaf interfaces (``Forwards``, ``BaseMethod``): ``base.py``; where the terms are added to
 the base loss (``Objective.loss``, and its epoch key ``Objective.phase``): ``objective.py``;

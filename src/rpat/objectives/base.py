@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attacks.threat import ThreatModel
+from .losses import check_smoothing
 
 
 class Forwards:
@@ -70,8 +71,15 @@ class BaseMethod:
         """
         return [("clean", x, "adv", x_adv)]
 
-    def __init__(self, threat: ThreatModel):
+    def __init__(self, threat: ThreatModel, label_smoothing: float = 0.0):
         self.threat = threat
+        #: label smoothing in [0, 1) of every cross-entropy term of ``loss`` (``rpat.objectives.losses``)
+        self.label_smoothing = check_smoothing(label_smoothing)
+
+    def smoothing(self, override: float | torch.Tensor | None) -> float | torch.Tensor:
+        """The smoothing ``loss`` applies: ``override`` (a float, or a per-example ``(B,)`` tensor) or,
+        when None, the configured ``label_smoothing``."""
+        return self.label_smoothing if override is None else override
 
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
@@ -80,7 +88,12 @@ class BaseMethod:
         raise NotImplementedError
 
     def loss(
-        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
+        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+        smoothing: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(L_base, terms)``; terms are 0-dim tensors for logging (not synced)."""
+        """``(L_base, terms)``; terms are 0-dim tensors for logging (not synced).
+
+        ``smoothing``: label smoothing of the loss's cross-entropy terms, a float or a per-example
+        ``(B,)`` tensor (None: ``self.label_smoothing``; ``rpat.objectives.losses``).
+        """
         raise NotImplementedError

@@ -22,6 +22,7 @@ from torch import nn
 from ..attacks.pgd import pgd
 from ..attacks.threat import ThreatModel
 from .base import BaseMethod, Forwards
+from .losses import cross_entropy
 
 #: Floor of the mixture's probabilities inside the log.
 _EPS = 1e-8
@@ -50,8 +51,9 @@ class ConsistencyAT(BaseMethod):
     label = "Consistency-AT"
     views = 2
 
-    def __init__(self, threat: ThreatModel, lam: float = 1.0, temperature: float = 0.5):
-        super().__init__(threat)
+    def __init__(self, threat: ThreatModel, lam: float = 1.0, temperature: float = 0.5,
+                 label_smoothing: float = 0.0):
+        super().__init__(threat, label_smoothing)
         self.lam = float(lam)
         self.temperature = float(temperature)
 
@@ -62,10 +64,11 @@ class ConsistencyAT(BaseMethod):
         return pgd(model, x, y, self.threat, start="uniform", generator=generator)
 
     def loss(
-        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
+        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+        smoothing: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         adv = fw.logits("adv", x_adv)
-        ce = F.cross_entropy(adv, y)
+        ce = cross_entropy(adv, y, self.smoothing(smoothing))  # smoothing: float or (2B,), one per row
         adv1, adv2 = adv.chunk(2, dim=0)
         js = js_divergence(adv1, adv2, self.temperature)
         return ce + self.lam * js, {"ce_adv": ce.detach(), "js": js.detach()}

@@ -30,6 +30,7 @@ from torch import nn
 from ..attacks.pgd import pgd
 from ..attacks.threat import ThreatModel
 from .base import BaseMethod, Forwards
+from .losses import cross_entropy, require_hard
 from .trades import kl_div
 
 #: exact formula: keeps ``log(1 − max_{k≠y} p_k)`` finite when the wrong class takes all the mass.
@@ -41,11 +42,13 @@ OFFICIAL_WEIGHT = 1.0000001
 OFFICIAL_LOG_EPS = 1e-12
 
 
-def boosted_ce(logits_adv: torch.Tensor, y: torch.Tensor, exact: bool = False) -> torch.Tensor:
+def boosted_ce(logits_adv: torch.Tensor, y: torch.Tensor, exact: bool = False,
+               smoothing: float | torch.Tensor = 0.0) -> torch.Tensor:
     """MART's BCE for ``(B, K)`` logits and ``(B,)`` labels; 0-dim.
 
     ``CE(logits, y) − mean_i log(1.0001 − max_{k≠y} p_k + 1e-12)`` (official code), or with
-    ``exact`` ``CE − mean_i log(max(1 − max_{k≠y} p_k, 1e-12))``.
+    ``exact`` ``CE − mean_i log(max(1 − max_{k≠y} p_k, 1e-12))``. ``smoothing`` (a float or a
+    per-example ``(B,)`` tensor) label-smooths the CE part only (``losses.cross_entropy``).
     """
     probs = F.softmax(logits_adv, dim=1)
     wrong = probs.masked_fill(F.one_hot(y, probs.shape[1]).bool(), float("-inf")).amax(dim=1)
@@ -53,7 +56,7 @@ def boosted_ce(logits_adv: torch.Tensor, y: torch.Tensor, exact: bool = False) -
         margin = torch.log((1.0 - wrong).clamp_min(_EPS))
     else:
         margin = torch.log(OFFICIAL_MARGIN - wrong + OFFICIAL_LOG_EPS)
-    return F.cross_entropy(logits_adv, y) - margin.mean()
+    return cross_entropy(logits_adv, y, smoothing) - margin.mean()
 
 
 def _kl_official(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -70,8 +73,8 @@ class MART(BaseMethod):
     name = "mart"
     label = "MART"
 
-    def __init__(self, threat: ThreatModel, beta: float = 6.0, exact: bool = False):
-        super().__init__(threat)
+    def __init__(self, threat: ThreatModel, beta: float = 6.0, exact: bool = False, label_smoothing: float = 0.0):
+        super().__init__(threat, label_smoothing)
         self.beta = float(beta)
         self.exact = bool(exact)
 
@@ -81,11 +84,13 @@ class MART(BaseMethod):
         return pgd(model, x, y, self.threat, start="normal", generator=generator)
 
     def loss(
-        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
+        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+        smoothing: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        require_hard(y, "MART")  # its margin and weight need the true class
         clean = fw.logits("clean", x)
         adv = fw.logits("adv", x_adv)
-        bce = boosted_ce(adv, y, self.exact)
+        bce = boosted_ce(adv, y, self.exact, self.smoothing(smoothing))
         p_true = F.softmax(clean, dim=1).gather(1, y[:, None]).squeeze(1)  # (B,)
         if self.exact:
             per = kl_div(clean, adv, reduction="none") * (1.0 - p_true)

@@ -12,6 +12,8 @@ disagree with what ``loss`` does at that epoch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -66,20 +68,33 @@ class Objective:
         y: torch.Tensor,
         epoch: int,
         generator: torch.Generator | None = None,
+        after_attack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        smoothing: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Attack and loss for one batch; the model must be in train mode.
 
+        ``after_attack(x, y, x_adv)``, when given, runs between the two (AWP perturbs the weights
+        there, ``rpat.training.awp``). ``smoothing``: label smoothing of the base loss's cross-entropy
+        terms, a float or a per-example ``(B,)`` tensor (None: ``method.label_smoothing``; ``losses.py``).
         Returns the total loss (0-dim, with grad) and the detached loss terms.
         """
-        x_adv = self.method.attack(model, x, y, generator)
-        return self.loss(model, x, y, x_adv, epoch)
+        x_adv = self.attack(model, x, y, generator)
+        if after_attack is not None:
+            after_attack(x, y, x_adv)
+        return self.loss(model, x, y, x_adv, epoch, smoothing=smoothing)
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The method's training adversarial examples ``(B, C, H, W)`` in [0, 1] (input gradients only)."""
+        return self.method.attack(model, x, y, generator)
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, epoch: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, epoch: int,
+        smoothing: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         use_rpat, use_teacher, beta = self.phase(epoch)
         fw = Forwards(model, self.rpat.proxy if use_rpat else "logits")
-        total, terms = self.method.loss(fw, x, y, x_adv)
+        total, terms = self.method.loss(fw, x, y, x_adv, smoothing=smoothing)
         if use_rpat:
             pairs = self.method.rpat_pairs(x, x_adv)
             r = sum(self.rpat(fw, xb, xa, kb, ka) for kb, xb, ka, xa in pairs) / len(pairs)

@@ -1,13 +1,14 @@
-"""PGD-AT (Madry et al.): cross-entropy on PGD adversarial examples."""
+"""PGD-AT (Madry et al.): cross-entropy on PGD adversarial examples (label-smoothed with
+``method.label_smoothing``, ``losses.py``)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.pgd import pgd
 from .base import BaseMethod, Forwards
+from .losses import cross_entropy
 
 
 class PGDAT(BaseMethod):
@@ -22,7 +23,8 @@ class PGDAT(BaseMethod):
         return pgd(model, x, y, self.threat, start="uniform", generator=generator)
 
     def loss(
-        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
+        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+        smoothing: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = F.cross_entropy(fw.logits("adv", x_adv), y)
+        ce = cross_entropy(fw.logits("adv", x_adv), y, self.smoothing(smoothing))
         return ce, {"ce_adv": ce.detach()}

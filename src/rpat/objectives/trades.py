@@ -4,7 +4,8 @@
 over classes and averaged over the batch, β = 6. The training attack maximizes
 ``KL(p(x) ‖ p(x'))`` (p(x) from the eval-mode model, fixed during the attack),
 started at ``x + 0.001·N(0, I)``. The loss's f(x) runs in train mode and is the
-same forward pass RPAT uses as h(x) (``Forwards`` key ``"clean"``).
+same forward pass RPAT uses as h(x) (``Forwards`` key ``"clean"``). ``method.label_smoothing``
+smooths the CE only (``losses.py``), never the KL.
 
 BatchNorm: rpat runs x and x_adv once each in train mode per step (2 running-stat updates);
 the official TRADES code runs x a second time for the KL target (3 updates). The loss and
@@ -22,6 +23,7 @@ from torch import nn
 from ..attacks.pgd import eval_mode, pgd
 from ..attacks.threat import ThreatModel
 from .base import BaseMethod, Forwards
+from .losses import cross_entropy
 
 
 def kl_div(logits_p: torch.Tensor, logits_q: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
@@ -45,8 +47,8 @@ class TRADES(BaseMethod):
     name = "trades"
     label = "TRADES"
 
-    def __init__(self, threat: ThreatModel, beta: float = 6.0):
-        super().__init__(threat)
+    def __init__(self, threat: ThreatModel, beta: float = 6.0, label_smoothing: float = 0.0):
+        super().__init__(threat, label_smoothing)
         self.beta = float(beta)
 
     def attack(
@@ -59,9 +61,10 @@ class TRADES(BaseMethod):
                    loss_fn=lambda logits_adv, target: kl_div(target, logits_adv, reduction="sum"))
 
     def loss(
-        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
+        self, fw: Forwards, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+        smoothing: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         clean = fw.logits("clean", x)
-        ce = F.cross_entropy(clean, y)
+        ce = cross_entropy(clean, y, self.smoothing(smoothing))  # label smoothing on the CE only, not the KL
         kl = kl_div(clean, fw.logits("adv", x_adv))
         return ce + self.beta * kl, {"ce_clean": ce.detach(), "kl": kl.detach()}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import InputError
-from .collect import KEYS, group_seeds, load_runs
+from .collect import group_seeds, load_runs, present_metrics
 from .figures import consistency_comparison_figure, consistency_figure, curves_figure, plane_figure, shared_ylims
 from .tables import columns_for, csv_table, latex_table, markdown_table
 
@@ -31,7 +31,7 @@ def matplotlib_available() -> bool:
 
 def build_report(
     run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
-    which: Sequence[str] = ("best", "final"), metrics: Sequence[str] = KEYS,
+    which: Sequence[str] = ("best", "final"), metrics: Sequence[str] | None = None,
     consistency: Sequence[str | Path] = (), formats: Sequence[str] = ("png", "pdf"), figures: bool = True,
     decimals: int = 2, say: Callable[[str], None] | None = None,
 ) -> list[Path]:
@@ -44,13 +44,16 @@ def build_report(
     ``consistency_<file stem>`` (all on one y range), and two or more a
     ``consistency_trend`` comparison.
 
+    ``metrics`` None: Clean, PGD-20, AA, Mean, NRR and each optional column some run has (AA(APGD), AA+,
+    AA-rand, CW-20, Noise, Transfer, CW(ART), Corruptions, mCE: :func:`rpat.reports.collect.present_metrics`).
+
     The tables are written first. Without matplotlib the figures are skipped: ``say``
     (default: standard error) gets the one line :data:`NO_MATPLOTLIB` and nothing is raised.
     """
     say = say or _stderr
     loaded = load_runs(list(run_dirs), list(labels) if labels else None)
     runs = group_seeds(loaded)
-    cols = columns_for(which, metrics)
+    cols = columns_for(which, present_metrics(runs, tuple(which)) if metrics is None else metrics)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

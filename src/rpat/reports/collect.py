@@ -31,12 +31,24 @@ import yaml
 from .. import run_dir as rd
 from ..config import config_from_dict
 from ..errors import InputError
+from ..evaluation.corruptions import CORRUPTION_COLUMNS
 from ..evaluation.metrics import accuracy_se, mean_score, mean_se, nrr, seeds_mean_sd, seeds_noise
+from ..evaluation.robustness import AA_LABELS, EXTRA_COLUMNS
 
 WHICH: tuple[str, ...] = ("best", "final")
 KEYS: tuple[str, ...] = ("clean", "pgd", "aa", "mean", "nrr")
+#: The robust accuracy of the other AutoAttack versions (``aa_apgd``, ``aa_plus``, ``aa_rand``): a report
+#: made with ``--autoattack apgd|plus|rand`` fills these, never ``aa``/``mean``/``nrr``.
+AA_VERSION_KEYS: dict[str, str] = {f"aa_{v}": v for v in AA_LABELS if v != "standard"}
+#: The optional columns, present in a table only when some run has them: the other AutoAttack versions,
+#: the extra evaluations (``rpat eval --cw/--noise/--transfer-from/--cw-art``) and the corruptions.
+EXTRA_KEYS: tuple[str, ...] = (*AA_VERSION_KEYS, *EXTRA_COLUMNS, *CORRUPTION_COLUMNS)
+ALL_KEYS: tuple[str, ...] = (*KEYS, *EXTRA_KEYS)
+#: The optional columns' heads in the reports' tables (as ``rpat eval`` labels them; CW at its default 20 steps).
+OPTIONAL_LABELS: dict[str, str] = {**{k: AA_LABELS[v] for k, v in AA_VERSION_KEYS.items()},
+                                   **EXTRA_COLUMNS, "cw": "CW-20", **CORRUPTION_COLUMNS}
 #: The metrics measured as a fraction of images correct (their standard error is binomial).
-MEASURED: tuple[str, ...] = ("clean", "pgd", "aa")
+MEASURED: tuple[str, ...] = ("clean", "pgd", "aa", *AA_VERSION_KEYS, *EXTRA_COLUMNS)
 
 
 @dataclass
@@ -106,8 +118,26 @@ class RunRecord:
         return None if sd is None or se is None else seeds_noise(sd, len(self.seeds), se)
 
 
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def report_version(d: dict[str, Any]) -> str:
+    """The AutoAttack version a report's ``aa`` was made with (``standard`` when it does not say)."""
+    v = (d.get("extras") or {}).get("aa_version") or (d.get("settings") or {}).get("autoattack") or "standard"
+    return "standard" if v is True else str(v)
+
+
 def _from_eval(d: dict[str, Any]) -> dict[str, float | None]:
-    out = {k: (float(d[k]) if d.get(k) is not None else None) for k in KEYS}
+    """A report's numbers by column key: an ``aa`` of another AutoAttack version goes to its own key
+    (``aa_apgd``...), never to ``aa``; the extra evaluations and corruptions under their keys."""
+    out = {k: _num(d.get(k)) for k in ALL_KEYS if k not in AA_VERSION_KEYS}
+    version = report_version(d)
+    if version != "standard":
+        for k in ("aa", "mean", "nrr"):
+            out[k] = None
+        if f"aa_{version}" in AA_VERSION_KEYS:
+            out[f"aa_{version}"] = _num(d.get("aa"))
     if out["aa"] is not None and out["clean"] is not None:
         out["mean"] = out["mean"] if out["mean"] is not None else mean_score(out["clean"], out["aa"])
         out["nrr"] = out["nrr"] if out["nrr"] is not None else nrr(out["clean"], out["aa"])
@@ -123,8 +153,18 @@ def default_label(config: dict[str, Any]) -> str:
 
 
 def _eval_note(name: str, d: dict[str, Any]) -> str:
+    """``"eval_best.json, 1000 cifar10 test images"``, with what the extra columns were measured on."""
     n = d.get("n_examples")
-    return f"{name}, {n} {d.get('dataset', '')} test images".replace("  ", " ") if n else name
+    note = f"{name}, {n} {d.get('dataset', '')} test images".replace("  ", " ") if n else name
+    extras = d.get("extras") or {}
+    if d.get("cw") is not None and extras.get("cw_steps") not in (None, 20):
+        note += f"; CW with {extras['cw_steps']} steps"
+    if d.get("transfer") is not None and extras.get("transfer_from"):
+        note += f"; transfer from {extras['transfer_from']}"
+    if d.get("corruption_acc") is not None:
+        note += (f"; corruptions: {d.get('corruption_set', 'corruption set')}, {len(d.get('corruptions') or {})} "
+                 f"corruptions x 5 severities x {d.get('corruption_images', '?')} images")
+    return note
 
 
 def load_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
@@ -211,7 +251,7 @@ def _seed_group(label: str, members: list[RunRecord]) -> RunRecord:
             continue
         res: dict[str, float | None] = {}
         sd: dict[str, float | None] = {}
-        for k in KEYS:
+        for k in ALL_KEYS:
             vals = [m.results.get(which, {}).get(k) for m in members]
             if any(v is None for v in vals):
                 res[k] = sd[k] = None
@@ -227,6 +267,13 @@ def _seed_group(label: str, members: list[RunRecord]) -> RunRecord:
         rec.notes[which] = f"mean ± sd over seeds {seeds_text}: " + " / ".join(notes)
         rec.sources[which] = " / ".join(dict.fromkeys(m.sources.get(which, "-") for m in members))
     return rec
+
+
+def present_metrics(runs: list[RunRecord], which: tuple[str, ...] | list[str] = WHICH) -> list[str]:
+    """:data:`KEYS` and, after them, each of :data:`EXTRA_KEYS` that some run has for one of ``which``:
+    the columns ``rpat report`` shows by default."""
+    extra = [k for k in EXTRA_KEYS if any(r.results.get(w, {}).get(k) is not None for r in runs for w in which)]
+    return [*KEYS, *extra]
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:

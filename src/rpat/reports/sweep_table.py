@@ -1,5 +1,6 @@
 """The sweep's Table-1-style results: one row per run (Clean/PGD-20/AA/Mean/NRR of best and final), as
-markdown and CSV. AA(APGD) results (``--autoattack apgd``) get their own columns, never the AA ones.
+markdown and CSV. AA(APGD), AA+ and AA-rand results (``--autoattack apgd|plus|rand``) get their own
+columns, never the AA ones; the extra evaluations (``--extra-evals``) and corruptions a column each.
 
 Each accuracy carries its standard error on the evaluation's ``n_examples`` images
 (:func:`rpat.evaluation.metrics.accuracy_se`; Mean: the bound ``(SE_Clean + SE_AA)/2``,
@@ -16,32 +17,40 @@ from typing import Any
 from .. import run_dir as rd
 from ..config import Config
 from ..evaluation.checkpoint_eval import aa_version
+from ..evaluation.corruptions import CORRUPTION_COLUMNS
 from ..evaluation.metrics import accuracy_se, format_pm, mean_se
+from ..evaluation.robustness import AA_LABELS, EXTRA_COLUMNS, aa_group_labels
+from .collect import OPTIONAL_LABELS
 
 EVALS = rd.EVALUATED
 METRICS = (("clean", "Clean"), ("pgd", "PGD-20"), ("aa", "AA"), ("mean", "Mean"), ("nrr", "NRR"))
-#: The AutoAttack-derived metrics, labelled ``AA(APGD)`` etc. when the cheaper version made them.
+#: The AutoAttack-derived metrics, labelled ``AA(APGD)``, ``AA+``... when another version made them.
 AA_KEYS = ("aa", "mean", "nrr")
+#: The extra evaluations and the corruptions: a column each, only when some run has a value.
+OPTIONAL: tuple[tuple[str, str], ...] = tuple((k, OPTIONAL_LABELS[k]) for k in (*EXTRA_COLUMNS, *CORRUPTION_COLUMNS))
 #: The suffix of a column's standard-error key and CSV column: ``"Clean (best) SE"``.
 SE_SUFFIX = " SE"
-APGD_SUFFIX = "(APGD)"
 COLUMNS = ["run", "setting", "method", *[f"{label} ({w})" for w in EVALS for _, label in METRICS]]
 
 
 def _labels(version: str) -> list[tuple[str, str]]:
     """``(key, column label)`` of each metric for an evaluation made with AutoAttack ``version``."""
-    return [(k, label + APGD_SUFFIX if version == "apgd" and k in AA_KEYS else label) for k, label in METRICS]
+    aa = dict(zip(AA_KEYS, aa_group_labels(version if version != "none" else "standard"), strict=True))
+    return [(k, aa.get(k, label)) for k, label in METRICS] + list(OPTIONAL)
 
 
 def columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The table's columns: :data:`COLUMNS`, with AA(APGD)/Mean(APGD)/NRR(APGD) in place of (or, in a
-    mixed sweep, after) AA/Mean/NRR when a row has values there."""
+    """The table's columns: :data:`COLUMNS`, with AA(APGD)/Mean(APGD)/NRR(APGD) (or AA+, AA-rand...) in
+    place of (or, in a mixed sweep, after) AA/Mean/NRR when a row has values there; then CW-20, Noise,
+    Transfer, CW(ART), Corruptions, mCE where some row has them."""
     cols = ["run", "setting", "method", "best selected on", "test images"]
+    versions = [v for v in AA_LABELS if v != "standard"]
     for w in EVALS:
         for key, label in METRICS:
-            names = [label] + ([label + APGD_SUFFIX] if key in AA_KEYS else [])
+            names = [label] + ([aa_group_labels(v)[AA_KEYS.index(key)] for v in versions] if key in AA_KEYS else [])
             present = [n for n in names if any(r.get(f"{n} ({w})") is not None for r in rows)]
             cols += [f"{n} ({w})" for n in (present or [label])]
+        cols += [f"{label} ({w})" for _, label in OPTIONAL if any(r.get(f"{label} ({w})") is not None for r in rows)]
     return cols
 
 
@@ -59,15 +68,16 @@ def _count(res: dict[str, Any]) -> int | None:
 
 
 def standard_errors(res: dict[str, Any]) -> dict[str, float | None]:
-    """``key -> SE`` (percentage points) of a report's clean/pgd/aa on its images, Mean's bound; NRR None."""
+    """``key -> SE`` (percentage points) of a report's accuracies on its images (clean, pgd, aa and the
+    extra evaluations), Mean's bound; NRR and the corruption columns None."""
     n = _count(res)
     se: dict[str, float | None] = {}
-    for k in ("clean", "pgd", "aa"):
+    for k in ("clean", "pgd", "aa", *EXTRA_COLUMNS):
         v = res.get(k)
         se[k] = accuracy_se(float(v), n) if n and isinstance(v, (int, float)) and not isinstance(v, bool) else None
     c, a = se["clean"], se["aa"]
     se["mean"] = mean_se(c, a) if c is not None and a is not None and res.get("mean") is not None else None
-    se["nrr"] = None
+    se.update(dict.fromkeys(("nrr", *CORRUPTION_COLUMNS)))
     return se
 
 

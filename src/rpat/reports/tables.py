@@ -38,9 +38,11 @@ from collections.abc import Sequence
 
 from ..errors import InputError
 from ..evaluation.metrics import NOISE_FACTOR, clearly_best, format_pm
-from .collect import KEYS, RunRecord
+from .collect import ALL_KEYS, KEYS, OPTIONAL_LABELS, RunRecord
 
-LABELS = {"clean": "Clean", "pgd": "PGD-20", "aa": "AA", "mean": "Mean", "nrr": "NRR"}
+#: Column heads: the Table-1 metrics, then the optional columns (other AutoAttack versions, the extra
+#: evaluations, the corruptions), each labelled as ``rpat eval`` labels it.
+LABELS = {"clean": "Clean", "pgd": "PGD-20", "aa": "AA", "mean": "Mean", "nrr": "NRR", **OPTIONAL_LABELS}
 Column = tuple[str, str]
 Grid = list[list[float | None]]
 DAGGER = "†"
@@ -57,8 +59,8 @@ def columns_for(which: Sequence[str] = ("best", "final"), metrics: Sequence[str]
         if w not in ("best", "final"):
             raise InputError(f"unknown checkpoint {w!r}; valid: best, final")
     for m in metrics:
-        if m not in KEYS:
-            raise InputError(f"unknown metric {m!r}; valid: {', '.join(KEYS)}")
+        if m not in ALL_KEYS:
+            raise InputError(f"unknown metric {m!r}; valid: {', '.join(ALL_KEYS)}")
     return [(m, w) for m in metrics for w in which]
 
 

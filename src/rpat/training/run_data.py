@@ -8,6 +8,7 @@ import torch
 
 from ..config import Config
 from ..data import PARTIAL_DECODE, ArrayDataset, count_images, evaluation_subset, get_spec, load_dataset
+from ..data.extra import ExtraSource, check_extra, open_extra
 from ..errors import InputError
 from ..utils import derived_seed
 
@@ -25,6 +26,7 @@ class RunData:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     selection: str = "test"  #: where held_out comes from: "test" or "validation" (carved from train)
+    extra: ExtraSource | None = None  #: data.extra, memory-mapped and checked against train (None: no extra data)
 
 
 def split_validation(train: ArrayDataset, n: int, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
@@ -65,6 +67,7 @@ def prepare_data(cfg: Config, train: ArrayDataset | None = None, test: ArrayData
     """
     d = cfg.data
     spec = get_spec(d.dataset)
+    extra = open_extra(d.extra) if d.extra is not None else None  # headers only, before the real data is read
     if train is None and d.train_subset is not None and d.dataset in PARTIAL_DECODE:
         n_total = count_images(d.dataset, d.root, "train", download=d.download)
         idx, val_idx = train_indices(cfg, n_total)
@@ -83,5 +86,19 @@ def prepare_data(cfg: Config, train: ArrayDataset | None = None, test: ArrayData
     held_out = val if val is not None else evaluation_subset(d.dataset, test, cfg.eval.n_examples)
     mean = tuple(spec.mean) if cfg.model.normalize and spec.mean else None
     std = tuple(spec.std) if cfg.model.normalize and spec.std else None
+    if extra is not None:
+        check_extra(extra, num_classes=len(train.classes), image_size=tuple(train.images.shape[2:]),
+                    in_chans=int(train.images.shape[1]))
     return RunData(train, held_out, len(train.classes), int(train.images.shape[1]),
-                   spec.crop_padding, spec.flip, mean, std, "test" if val is None else "validation")
+                   spec.crop_padding, spec.flip, mean, std, "test" if val is None else "validation", extra=extra)
+
+
+def extra_source(cfg: Config, data: RunData) -> ExtraSource:
+    """The run's ``data.extra`` set: ``data.extra`` when :func:`prepare_data` opened it, else opened now (data
+    handed to the trainer directly) and checked against ``data.train``."""
+    if data.extra is not None:
+        return data.extra
+    extra = open_extra(cfg.data.extra)
+    check_extra(extra, num_classes=data.num_classes, image_size=tuple(data.train.images.shape[2:]),
+                in_chans=data.in_chans)
+    return extra

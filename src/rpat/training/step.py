@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..models.averaging import WeightAverage
 from ..objectives import Objective
+from .awp import WeightPerturbation
 from .nonfinite import NonFiniteGuard
 
 
@@ -28,14 +29,20 @@ class TrainStep:
     Owns what lives across steps: the attack's generator (re-seeded per epoch by
     :meth:`start_epoch`), the non-finite guard, and the loss-term sums (each term × batch size) with
     the number of images of good steps (``nonfinite=skip``), all device tensors updated in place.
-    ``update`` defaults to ``optimizer.step``.
+    ``update`` defaults to ``optimizer.step``. ``awp`` (optional): the weight perturbation of
+    :mod:`rpat.training.awp`, applied after the attack and removed after the update.
     """
 
     def __init__(self, *, model: nn.Module, step_model: nn.Module, objective: Objective,
                  optimizer: torch.optim.Optimizer, averager: WeightAverage | None, nonfinite: str,
                  device: torch.device, amp: bool = False, channels_last: bool = False,
-                 update: Callable[[], None] | None = None, cast_cache: bool = True):
+                 update: Callable[[], None] | None = None, cast_cache: bool = True,
+                 awp: WeightPerturbation | None = None):
         self.model, self.step_model, self.objective = model, step_model, objective
+        self.awp = awp  #: adversarial weight perturbation (rpat.training.awp), None when off
+        #: per-row label smoothing ``(B,)`` of a batch from its labels' row count (data.extra_label_smoothing:
+        #: rpat.data.mixed.MixedLoader.row_smoothing); None: the method's own label_smoothing
+        self.row_smoothing: Callable[[int], Tensor] | None = None
         self.optimizer, self.averager, self.device = optimizer, averager, device
         self.amp, self.channels_last = amp, channels_last
         self.update = update if update is not None else optimizer.step
@@ -74,11 +81,19 @@ class TrainStep:
         guard.snapshot()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
                             cache_enabled=self.cast_cache):  # fp32 master weights
-            loss, terms = self.objective.step(self.step_model, x, y, self.epoch, self.generator)
+            awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
+            smoothing = None if self.row_smoothing is None else self.row_smoothing(y.shape[0])
+            loss, terms = self.objective.step(  # AWP: weights at w + γ·v between the attack and the loss
+                self.step_model, x, y, self.epoch, self.generator,
+                after_attack=None if awp is None else (
+                    lambda xb, yb, xa: awp.perturb(xb, yb, xa, self.epoch, smoothing=smoothing)),
+                smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         ok = guard.observe(step, loss, terms)  # on-device flag, no sync
         self.update()
+        if awp is not None:
+            awp.restore()  # back to w - (the update), before a skipped step is undone
         guard.restore_if_bad(ok)  # nonfinite=skip: undo a bad step (torch.where, no sync)
         if self.averager is not None:
             self.averager.update(self.model, self.epoch)

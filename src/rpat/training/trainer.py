@@ -16,6 +16,8 @@ import math
 import platform
 import signal
 import time
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,11 @@ from .. import run_dir as rd
 from ..checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
 from ..config import Config, config_from_dict, dump_yaml
 from ..data import DeviceLoader
+from ..data.batch_augment import BatchAugment
+from ..data.mixed import MixedLoader
 from ..distributed import (
     all_reduce_sum,
+    barrier,
     context_from_env,
     convert_sync_batchnorm,
     per_rank_batch_size,
@@ -40,12 +45,22 @@ from ..evaluation.robustness import accuracy, pgd_accuracy
 from ..models import create_model
 from ..models.averaging import WeightAverage
 from ..utils import derived_seed, git_commit, progress_enabled, resolve_device, write_text_atomic
+from .awp import build_awp
 from .cuda_graph import GraphTrainStep, phase_key
 from .nonfinite import NonFiniteLossError
-from .run_data import RunData, prepare_data
-from .schedules import lr_at
-from .signals import SignalGuard, TrainingInterrupted
+from .preemption import (
+    check_resumable,
+    gather_states,
+    mid_epoch_record,
+    rank_state,
+    restore_global_rng,
+    restore_rank_state,
+)
+from .run_data import RunData, extra_source, prepare_data
+from .schedules import lr_at, lr_scaling_line, scaled_lr
+from .signals import SignalGuard, TrainingInterrupted, TrainingPreempted
 from .step import TrainStep
+from .tensorboard import RunLogger
 
 
 def format_duration(seconds: float) -> str:
@@ -102,6 +117,8 @@ class Trainer:
         self.cfg = cfg
         for w in cfg.warnings():
             self.log(f"rpat: warning: {w}")
+        if (line := lr_scaling_line(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_scaling)) is not None:
+            self.log(line)
         self.dist, self.device = setup(resolve_device(cfg.device))  # one process unless launched by torchrun
         t_data = time.perf_counter()
         self.data = data if data is not None else prepare_data(cfg, progress=self.progress)
@@ -129,19 +146,28 @@ class Trainer:
                                          weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.objective = cfg.objective()
         a = cfg.averaging
-        self.averager = WeightAverage(self.model, a.decay, a.start_epoch) if a.enabled else None
+        self.averager = (WeightAverage(self.model, a.decay, a.start_epoch, warmup=a.warmup, bn=a.bn)
+                         if a.enabled else None)
         if self.objective.teacher is not None:
             self.objective.teacher.bind(self.averager.model)
         self.eval_threat = cfg.eval_threat()
         self.loader = DeviceLoader(self.data.train, per_rank_batch_size(cfg.data.batch_size, self.dist),
                                    self.device, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size,
                                    augment=cfg.data.augment, padding=self.data.padding,
-                                   flip=self.data.flip, seed=cfg.seed, views=self.objective.method.views)
+                                   flip=self.data.flip, seed=cfg.seed, views=self.objective.method.views,
+                                   batch_augment=BatchAugment.from_config(cfg.data, self.data.num_classes))
+        if cfg.data.extra is not None:  # a fixed share of every batch from the extra set (rpat.data.mixed)
+            self.loader = MixedLoader(self.loader, extra_source(cfg, self.data), cfg.data.extra_fraction)
+            self.log(self.loader.describe())
         self.graph_step = self._graph_step()
+        self.awp = build_awp(cfg, self.model, self.objective, self.dist)  # None when awp.enabled is false
         self.train_step = self.graph_step.train_step if self.graph_step is not None else TrainStep(
             model=self.model, step_model=self.step_model, objective=self.objective, optimizer=self.optimizer,
             averager=self.averager, nonfinite=cfg.nonfinite, device=self.device, amp=sp.amp == "bf16",
-            channels_last=sp.channels_last)
+            channels_last=sp.channels_last, awp=self.awp)
+        if cfg.data.extra is not None and cfg.data.extra_label_smoothing > 0:  # smoothing of the extra rows only
+            self.train_step.row_smoothing = self.loader.smoothing(self.objective.method.label_smoothing,
+                                                                  cfg.data.extra_label_smoothing)
         held = self.data.held_out
         self.eval_x = held.images.float().div_(255)
         self.eval_y = held.labels
@@ -152,6 +178,8 @@ class Trainer:
         #: the training stats of epoch ``start_epoch`` (1-based) when its held-out evaluation was
         #: interrupted: last.pt holds the trained epoch, and fit() evaluates and records it first
         self.held_out_pending: dict[str, float] | None = None
+        self.mid_epoch: dict[str, Any] | None = None  #: a mid-epoch save being resumed (rpat.training.preemption)
+        self._rng_after_replay: dict[str, Any] | None = None  # its global generator states, set after the replay
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -160,6 +188,7 @@ class Trainer:
                     raise InputError(f"{self.run_dir / 'last.pt'} has no averaged model to resume weight averaging")
                 self.averager.load_state_dict(ckpt["averaged"])
             self.start_epoch = int(ckpt["epoch"])
+            self.mid_epoch = ckpt.get("mid_epoch")
             self.best = dict(ckpt["best"])
             pending = ckpt.get("held_out_pending")
             self.held_out_pending = {k: float(v) for k, v in pending.items()} if pending is not None else None
@@ -179,9 +208,13 @@ class Trainer:
                          f"then {then}")
             else:
                 rd.truncate_metrics(self.run_dir, self.start_epoch)
-                self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}")
+                at = f" step {self.mid_epoch['step'] + 1}/{self.mid_epoch['n_steps']}" if self.mid_epoch else ""
+                self.log(f"resuming {self.run_dir} at epoch {self.start_epoch + 1}/{cfg.optim.epochs}{at}")
         elif self.is_main:
             self._write_run_files()
+        #: rank 0's TensorBoard writer (logging.tensorboard; None when off, on other ranks, or run finished)
+        self.tb = (RunLogger.for_run(self.cfg, self.run_dir, resumed=ckpt is not None)
+                   if self.is_main and not self.finished else None)
 
     def _extended(self, cfg: Config, epochs: int, done: int) -> Config:
         """``--resume --epochs N``: the run continued to ``N`` epochs (a continuation, not the run it would
@@ -272,13 +305,14 @@ class Trainer:
 
     def lr(self, epoch: int, fraction: float) -> float:
         o = self.cfg.optim
-        return lr_at(o.schedule, o.lr, epoch, fraction, o.epochs, o.milestones, o.gamma)
+        base = scaled_lr(o.lr, self.cfg.data.batch_size, o.lr_scaling)  # optim.lr_scaling (schedules.py)
+        return lr_at(o.schedule, base, epoch, fraction, o.epochs, o.milestones, o.gamma, o.warmup_epochs)
 
     # ---- the loop --------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch of adversarial training; returns the mean loss terms and throughput."""
         self.model.train()
-        self.objective.method.threat = self.cfg.train_threat_at(epoch)  # the stronger adversary "$"
+        self.objective.method.threat = self.cfg.train_threat_at(epoch)  # the stronger adversary "$", the ε ramp
         self.loader.set_epoch(epoch)
         rank = [self.dist.rank] if self.dist.rank else []  # each rank its own attack starts
         seed = derived_seed(self.cfg.seed, epoch, 1, *rank)
@@ -293,11 +327,12 @@ class Trainer:
         seen = 0
         torch.manual_seed(derived_seed(self.cfg.seed, epoch, 3))  # any global-RNG use is per-epoch seeded too
         t0 = time.perf_counter()
+        start, seen, t0 = self._resume_mid_epoch(epoch, n_steps, t0)  # (0, 0, t0) unless resuming mid-epoch
         every = self.progress_every_s if self.step_lines else None
         next_line = t0 + every if every is not None else math.inf  # a clock read per step, no device sync
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", unit="batch",
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", unit="batch", initial=start,
                    disable=not self.progress, leave=False, dynamic_ncols=True)
-        for step, (x, y) in enumerate(self.loader):
+        for step, (x, y) in self._epoch_batches(start):  # a mid-epoch resume replays the first `start`
             lr = self.lr(epoch, step / n_steps)
             if graph is not None:
                 graph.step(x, y, step, lr, key)
@@ -318,6 +353,9 @@ class Trainer:
                 now = time.perf_counter()  # after the read: the device has caught up
                 self.log(self._step_line(epoch, step + 1, n_steps, seen * self.dist.world_size, now - t0, means))
                 next_line = now + every
+            if self._stop_mid_epoch(step, n_steps, at_interval):  # a save signal: save here, then stop
+                bar.close()
+                self._save_mid_epoch(epoch, step + 1, n_steps, seen, time.perf_counter() - t0)
         bar.close()
         n_bad = guard.check(epoch, n_steps)
         sums, n_good = ts.sums_now(), ts.n_good
@@ -379,7 +417,9 @@ class Trainer:
         first (same weights, same seed), so best.pt and metrics.jsonl end as in an
         uninterrupted run. Non-finite losses are handled by
         ``cfg.nonfinite`` (:mod:`rpat.training.nonfinite`); non-finite weights are
-        never saved.
+        never saved. Save signals (``self.signals.save_on(SIGUSR2, ...)``, as the SLURM task sets them)
+        instead stop after the current step with a mid-epoch last.pt, or at the epoch end during the
+        held-out evaluation, raising :class:`TrainingPreempted` (:mod:`rpat.training.preemption`).
         """
         self._epoch = self.start_epoch
         if self.finished:
@@ -387,6 +427,8 @@ class Trainer:
         with self.signals.installed():
             try:
                 return self._fit()
+            except TrainingPreempted:
+                raise  # last.pt was written at the safe point; the message says where
             except TrainingInterrupted as e:
                 done, pending = self._saved_epoch()
                 n = self.cfg.optim.epochs
@@ -446,6 +488,8 @@ class Trainer:
         if online is not None:
             record.update(online_held_out_clean=online["clean"], online_held_out_pgd=online["pgd"])
         self._append_metrics(record)  # before last.pt: a resume drops rows >= its epoch
+        if self.tb is not None:
+            self.tb.log_epoch(record)  # the same numbers, to <run_dir>/tb (rpat.training.tensorboard)
         self._save_last(done)  # the updated best; no pending mark
         return improved
 
@@ -459,6 +503,8 @@ class Trainer:
             self._epoch = self.start_epoch - 1
             self._held_out_and_writes(self._epoch, self.held_out_pending)
             self.held_out_pending = None
+            if self.start_epoch < cfg.optim.epochs:
+                self._stop_at_epoch_end(self._epoch)
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             self._epoch = epoch
             train_stats = self.train_epoch(epoch)
@@ -470,8 +516,79 @@ class Trainer:
             with self.signals.critical():  # the trained epoch is kept even if the evaluation is stopped
                 self._save_last(epoch + 1, held_out_pending=train_stats)
             self._held_out_and_writes(epoch, train_stats)
+            if epoch + 1 < cfg.optim.epochs:  # after the last one final.pt comes first (the signal waits)
+                self._stop_at_epoch_end(epoch)
         self._save(self._eval_weights(cfg.optim.epochs), self.run_dir / rd.FINAL)
+        if self.tb is not None:
+            self.tb.close()
         return self._summary()
+
+    # ---- save signals: mid-epoch and epoch-end safe points (rpat.training.preemption) ---------------
+    def _save_requested_everywhere(self) -> bool:
+        """Whether a save signal arrived (under DDP: on any rank; one collective, every rank calls it)."""
+        asked = self.signals.save_requested is not None
+        if not self.dist.active:
+            return asked
+        flag = all_reduce_sum({"stop": torch.tensor(float(asked), device=self.device)}, self.dist)["stop"]
+        return bool(flag > 0)
+
+    def _stop_mid_epoch(self, step: int, n_steps: int, at_interval: bool) -> bool:
+        """After step ``step``: stop here for a save signal? Not after the epoch's last step (the epoch end is
+        the safe point then), nor under speed.cuda_graph (its epochs end first); under DDP the ranks agree at
+        log intervals (one small collective each, only when save signals are on). No device sync otherwise."""
+        if not self.signals.save_signals or step + 1 >= n_steps or self.graph_step is not None:
+            return False
+        if self.dist.active and not at_interval:
+            return False
+        return self._save_requested_everywhere()
+
+    def _save_mid_epoch(self, epoch: int, next_step: int, n_steps: int, seen: int, seconds: float) -> None:
+        """last.pt at step ``next_step`` of ``epoch`` (with its ``mid_epoch`` entry), then TrainingPreempted."""
+        states = gather_states(rank_state(self.train_step, self.device), self.dist)
+        mid = mid_epoch_record(epoch, next_step, n_steps, seen, seconds, states)
+        extra: dict[str, Any] = {"averaged": self.averager.state_dict()} if self.averager is not None else {}
+        with self.signals.critical():
+            self._save(self._weights(epoch, optimizer=self.optimizer.state_dict(), best=self.best, mid_epoch=mid,
+                                     **extra), self.run_dir / rd.LAST)
+        self._preempted(f"after step {next_step}/{n_steps} of epoch {epoch + 1}/{self.cfg.optim.epochs} "
+                        "(mid-epoch: step position, loss sums, guard counters and generator states saved)")
+
+    def _stop_at_epoch_end(self, epoch: int) -> None:
+        """After epoch ``epoch``'s writes (last.pt holds it): stop for a save signal."""
+        if self.signals.save_signals and self._save_requested_everywhere():
+            self._preempted(f"at the end of epoch {epoch + 1}/{self.cfg.optim.epochs}")
+
+    def _preempted(self, where: str) -> None:
+        signum = self.signals.save_requested or self.signals.save_signals[0]
+        self.signals.save_requested = None  # acted on
+        barrier(self.dist)  # under DDP no rank leaves before rank 0 has written last.pt
+        name = signal.Signals(signum).name
+        self.log(f"{name}: saved {self.run_dir / rd.LAST} {where}")
+        raise TrainingPreempted(signum, f"stopped by {name} {where}; {self.run_dir / rd.LAST} holds it; "
+                                f"resume exactly with: rpat train --run-dir {self.run_dir} --resume")
+
+    def _resume_mid_epoch(self, epoch: int, n_steps: int, t0: float) -> tuple[int, int, float]:
+        """``(first step, images seen, t0)`` of ``epoch``: ``(0, 0, t0)``, or where a mid-epoch save stopped
+        (its generator states, sums and guard flags put back into the train step; ``t0`` moved back by the
+        epoch's earlier seconds, so its img/s counts the whole epoch)."""
+        mid, self.mid_epoch = self.mid_epoch, None
+        if mid is None:
+            return 0, 0, t0
+        self._rng_after_replay = check_resumable(mid, epoch, n_steps, self.dist)
+        restore_rank_state(self.train_step, self._rng_after_replay, self.device)
+        return int(mid["step"]), int(mid["seen"]), t0 - float(mid["seconds"])
+
+    def _epoch_batches(self, start: int) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """``(step, (x, y))`` from step ``start`` on: the loader's first ``start`` batches are made and dropped
+        (its generators are seeded by ``(seed, epoch)``, so this puts them where they were), then the global
+        generators of a mid-epoch save are restored."""
+        batches = enumerate(self.loader)
+        for _ in islice(batches, start):
+            pass
+        state, self._rng_after_replay = self._rng_after_replay, None
+        if state is not None:
+            restore_global_rng(state, self.device)
+        yield from batches
 
     def _held_out_and_writes(self, epoch: int, train_stats: dict[str, float]) -> None:
         """Evaluate trained epoch ``epoch`` (0-based) on the held-out images, write best.pt/epochs/the

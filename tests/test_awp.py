@@ -327,7 +327,7 @@ def test_defaults_are_the_published_values():
     assert _cfg(awp={"enabled": True}).awp_settings() == (0.01, 0)
     cfg = _cfg(epochs=11, method={"name": "trades"}, awp={"enabled": True})
     assert cfg.awp_settings() == (5e-3, 9)  # the script's --awp-warmup 10 counts epochs from 1
-    assert cfg.label() == "TRADES + AWP" and "AWP gamma=0.005 from epoch 11" in cfg.describe()
+    assert cfg.label() == "TRADES + AWP" and "AWP gamma=0.005 from epoch 10" in cfg.describe()  # 1-based, as the script
     assert _cfg(method={"name": "mart"}, awp={"enabled": True, "gamma": 0.005}).awp_settings() == (0.005, 0)
 
 

@@ -64,6 +64,9 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet18"
     normalize: bool = False  #: add a per-channel normalization layer (dataset mean/std) inside the model
+    #: start from these weights (fine-tuning): an rpat checkpoint (its evaluated model) or a plain /
+    #: RobustBench state_dict of model.arch, loaded strictly (keys and shapes checked); not used on --resume
+    init: str | None = None
 
 
 @dataclass
@@ -364,6 +367,8 @@ class Config:
         self._validate_awp()
         self._validate_recipes()
         self._validate_trades_beta()
+        if self.model.init is not None and not Path(self.model.init).is_file():
+            raise InputError(f"model.init={self.model.init}: no such file (the weights to start training from)")
         self._validate_logging()
         if self.speed.amp not in AMP_MODES:
             raise InputError(f"unknown speed.amp {self.speed.amp!r}; valid: {', '.join(AMP_MODES)}")

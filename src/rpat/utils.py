@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -100,3 +101,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """``path.write_text(text)``, atomically (:func:`atomic_write`)."""
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """``{"sha256", "size"}`` of a file (read in 1 MiB chunks): the same bytes give the same identity."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "size": Path(path).stat().st_size}

@@ -4,7 +4,6 @@ evaluation's settings so that an existing report made with the same ones can be 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from ..errors import InputError
 from ..models import resolve_model_name
 from ..models.normalization import add_normalization, parse_normalize
 from ..run_dir import read_report
-from ..utils import resolve_device
+from ..utils import file_identity, resolve_device
 from .corruptions import evaluate_corruptions
 from .extra import ExtraEvals, require_art, run_extra_evals
 from .robustness import RobustnessReport, evaluate_robustness
@@ -62,11 +61,7 @@ def aa_version(autoattack: bool | str | None) -> str:
 
 def checkpoint_identity(path: str | Path) -> dict[str, Any]:
     """``{"sha256", "size"}`` of a checkpoint file: the same weights file gives the same identity."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"sha256": h.hexdigest(), "size": Path(path).stat().st_size}
+    return file_identity(path)
 
 
 def eval_settings(

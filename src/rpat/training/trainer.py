@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import run_dir as rd
-from ..checkpoint import FORMAT, FORMAT_VERSION, atomic_save, load_checkpoint
+from ..checkpoint import FORMAT, FORMAT_VERSION, atomic_save, extract_state_dict, load_checkpoint
 from ..config import Config, config_from_dict, dump_yaml
 from ..data import DeviceLoader
 from ..data.batch_augment import BatchAugment
@@ -44,7 +44,8 @@ from ..errors import InputError
 from ..evaluation.robustness import accuracy, pgd_accuracy
 from ..models import create_model
 from ..models.averaging import WeightAverage
-from ..utils import derived_seed, git_commit, progress_enabled, resolve_device, write_text_atomic
+from ..models.loading import load_weights
+from ..utils import derived_seed, file_identity, git_commit, progress_enabled, resolve_device, write_text_atomic
 from .awp import build_awp
 from .cuda_graph import GraphTrainStep, phase_key
 from .nonfinite import NonFiniteLossError
@@ -130,6 +131,9 @@ class Trainer:
         self.model_kwargs = {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans,
                              "mean": self.data.mean, "std": self.data.std}
         self.model = create_model(cfg.model.arch, **self.model_kwargs).to(self.device)
+        if ckpt is None and cfg.model.init is not None:  # fine-tuning: the starting weights (a resume has its own)
+            load_weights(self.model, extract_state_dict(load_checkpoint(cfg.model.init)), cfg.model.arch)
+            self.log(f"model.init: starting from the weights of {cfg.model.init}")
         sp = cfg.speed
         if sp.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -272,6 +276,8 @@ class Trainer:
                 "threat": self.objective.method.threat.describe(),
                 "train_images": len(self.data.train), "held_out_images": len(self.data.held_out),
                 "selection": self._selection(), "evaluated_model": self._evaluated_model()}
+        if self.cfg.model.init is not None:
+            meta["init"] = {"path": str(self.cfg.model.init), **file_identity(self.cfg.model.init)}
         rd.write_meta(self.run_dir, meta)
 
     def _held_out_label(self) -> str:

@@ -110,3 +110,21 @@ def test_demo_trains_both_methods_and_prints_a_consistent_table(tmp_path, capsys
         assert r["aa"] <= r["pgd"] + 1e-9 and r["pgd"] <= r["clean"] + 1e-9
         assert r["mean"] == pytest.approx((r["clean"] + r["aa"]) / 2)
     assert json.loads((tmp_path / "pgd_at_rpat" / "meta.json").read_text())["objective"] == "pgd_at+rpat"
+
+
+def test_train_help_lists_every_config_key():
+    """The key list of ``rpat train --help`` is made from the config's dataclasses: no key is missing."""
+    import dataclasses
+
+    from rpat.cli.train import EXAMPLES_TRAIN
+    from rpat.config import Config
+
+    text = " ".join(EXAMPLES_TRAIN.split())  # wrapped lines joined
+    flat = text.replace(", ", ",")  # a section broken after a comma, joined again
+    for f in dataclasses.fields(Config):
+        value = getattr(Config(), f.name)
+        if dataclasses.is_dataclass(value):
+            assert f"{f.name}.{{{','.join(g.name for g in dataclasses.fields(value))}}}" in flat, f.name
+        else:
+            assert f" {f.name} " in text, f.name
+    assert max(len(line) for line in EXAMPLES_TRAIN.splitlines()) <= 120

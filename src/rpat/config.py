@@ -619,6 +619,29 @@ def _coerce(value: Any, current: Any, fld: dataclasses.Field, name: str) -> Any:
     return value
 
 
+def override_keys_help(width: int = 112) -> str:
+    """Every config key, as ``rpat train --help`` lists them: ``section.{key,key,...}`` per section, then the
+    top-level keys, wrapped at ``width`` (made from the dataclasses, so a new key is listed by itself)."""
+    items = []
+    for f in dataclasses.fields(Config):
+        value = getattr(Config(), f.name)
+        if dataclasses.is_dataclass(value):
+            items.append(f"{f.name}.{{{','.join(g.name for g in dataclasses.fields(value))}}}")
+        else:
+            items.append(f.name)
+    lines, line = [], ""
+    for item in items:
+        if line and len(line) + 2 + len(item) > width:
+            lines.append(line)
+            line = ""
+        while len(item) + 2 > width:  # one section longer than a line: break it after a comma
+            cut = item.rindex(",", 0, width - 2) + 1
+            lines.append(f"  {item[:cut]}")
+            item = "    " + item[cut:]
+        line = f"{line}  {item}" if line else (f"  {item}" if not item.startswith(" ") else item)
+    return "\n".join([*lines, line])
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

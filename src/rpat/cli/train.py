@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import __version__, distributed
 from .. import run_dir as rd
-from ..config import Config, build_config, dump_yaml
+from ..config import Config, build_config, dump_yaml, override_keys_help
 from ..errors import InputError
 from ..evaluation.extra import check_extra_evals, parse_extra_evals
 from ..evaluation.report import write_report
@@ -27,14 +27,13 @@ examples:
   rpat train --dataset imagefolder --data-root ~/cifar10-jpeg --arch small_cnn --epochs 5
   rpat train --preset cifar10_rpatpp_strong --dataset imagefolder --data-root data --run-dir runs/rpatpp_s
 
-overrides are section.key=value pairs (values parsed as YAML; eps as 8/255):
-  data.{dataset,root,download,train_subset,batch_size,augment,val_size,val_seed}  model.{arch,normalize}
-  attack.{norm,eps,step_size,steps,strong_after_decay,strong_eps,strong_step_size,strong_steps}
-  method.{name,mart_exact}  rpat.{enabled,lam,alpha,proxy,start_epoch}  averaging.{enabled,decay,start_epoch}
-  rebat.{enabled,beta,target,alpha,start_epoch,beta_growth}
-  optim.{epochs,lr,momentum,weight_decay,nesterov,schedule,milestones,gamma}
-  eval.{n_examples,eps,step_size,steps,batch_size}  seed  device  log_interval  nonfinite={stop,skip}
-  speed.{amp=none|bf16,channels_last,compile,sync_bn}   (see benchmarks/README.md for what each pays)
+overrides are section.key=value pairs (values parsed as YAML; eps as 8/255); every key, with its default
+in `rpat train --print-config` and its meaning in src/rpat/config.py:
+{keys}
+  speed.amp=none|bf16, channels_last, compile, sync_bn: see benchmarks/README.md for what each pays
+  awp.enabled=true (AWP; docs/awp.md)   method.label_smoothing, averaging.warmup, optim.warmup_epochs,
+    attack.eps_ramp_epochs (docs/recipes.md)   data.autoaugment, data.cutmix (docs/augmentation.md)
+  model.init=CKPT: start (fine-tune) from these weights
   logging.tensorboard=true   (event files in <run_dir>/tb; pip install 'rpat[tensorboard]'; docs/logging.md)
   data.extra=FILE.npz|DIR data.extra_fraction=0.7 data.extra_label_smoothing   (generated data, memory-mapped:
     round(f·B) rows of each batch; an epoch stays ceil(N_real / B) batches, as in the published recipes;
@@ -52,7 +51,7 @@ without a preset, the defaults are the paper's 110-epoch ResNet-18 benchmark; fo
   rpat train --preset cifar10_cpu_quick --dataset imagefolder --data-root ~/cifar10-jpeg --print-config
 `--epochs N` on a piecewise schedule rescales its milestones in proportion (100/110, 105/110 of N), and
 says so; set optim.milestones to choose them.
-"""
+""".replace("{keys}", override_keys_help())
 
 #: The flags that set one config key: (argument, section, key).
 _FLAG_KEYS = (("dataset", "data", "dataset"), ("data_root", "data", "root"), ("arch", "model", "arch"),

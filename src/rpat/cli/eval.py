@@ -73,8 +73,9 @@ phases and what they cost:
 
 the report (JSON) goes next to the checkpoint when that folder is a writable run directory
 (config.yaml/meta.json), else into the working directory; the path is printed. AutoAttack's state
-is kept beside it (<report>.aa-state.json) while it runs: run the same command again after a kill
-and it continues from the last finished attack; the state is removed once the report is written.
+(<report>.aa-state.json) and the other finished stages (<report>.stages.json: Clean + PGD, each extra
+evaluation, each corruption) are kept beside it while it runs: run the same command again after a kill
+and only the unfinished stage is recomputed; both are removed once the report is written.
 """
 
 
